@@ -1,0 +1,81 @@
+"""Basic layers: RMSNorm, rotary embeddings, token embeddings, the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen3_jax.config import ModelConfig
+from qwen3_jax.sharding import constrain
+
+INIT_STD = 0.02  # HF `initializer_range`.
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = INIT_STD) -> nnx.Param:
+  """A normal(0, std) parameter annotated with its logical axes."""
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * weight, computed in float32 (as HF Qwen3)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype: str = "float32"):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (self.weight[...].astype(jnp.float32) * x).astype(dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" layout. x: [B, L, N, Dh], positions: [B, L]."""
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]; `attend` gives logits for tied LM heads."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.embedding = param(
+      rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype
+    )
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    # Gather rows from a replicated view: a lookup into a (vocab, embed)-split table makes
+    # the SPMD partitioner rematerialise the whole table anyway, with a warning.
+    table = constrain(self.embedding[...], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [B, L, D]
+    return constrain(x, ("batch", "seq", None))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+  """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
+    d, dt = cfg.hidden_size, cfg.param_dtype
+    self.gate_proj = param(rngs, (d, hidden), ("embed", "mlp"), dt)
+    self.up_proj = param(rngs, (d, hidden), ("embed", "mlp"), dt)
+    self.down_proj = param(rngs, (hidden, d), ("mlp", "embed"), dt)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+    g = jnp.einsum("bld,df->blf", x, c(self.gate_proj))
+    u = jnp.einsum("bld,df->blf", x, c(self.up_proj))
+    h = constrain(jax.nn.silu(g) * u, ("batch", "seq", "mlp"))
+    return jnp.einsum("blf,fd->bld", h, c(self.down_proj))

@@ -1,0 +1,29 @@
+"""qwen3_jax: Qwen3-style sparse MoE language models in JAX / Flax nnx."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qwen3_jax",
+    version="0.1.0",
+    description="Qwen3-style sparse Mixture-of-Experts language models in JAX / Flax nnx",
+    packages=find_packages(include=["qwen3_jax", "qwen3_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "numpy>=2.0",
+        "ml_collections>=1.0",
+        "absl-py>=2.1",
+        "grain>=0.2.18",
+        "tokenizers>=0.21",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+        # torch==2.13.0 is the CPU wheel these machines carry; a looser pin pulls a CUDA build.
+        "hf": ["transformers>=5.0", "torch==2.13.0"],
+    },
+)
