@@ -179,7 +179,7 @@ class MeshConfig:
     if any(s < 1 and s != -1 for s in sizes.values()):
       raise ValueError(f"Mesh axis sizes must be >= 1 or -1, got {sizes}")
     known = 1
-    for a, s in sizes.items():
+    for s in sizes.values():
       if s != -1:
         known *= s
     if fill:
