@@ -335,3 +335,26 @@ def param_count(cfg: ModelConfig) -> tuple[int, int]:
       active += dense_mlp
   emb = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
   return total + emb, active + emb
+
+
+def to_dict(cfg: ModelConfig) -> dict:
+  """JSON-able dict of a ModelConfig (nested configs as dicts, tuples as lists)."""
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> ModelConfig:
+  """Inverse of `to_dict`; unknown keys raise so a typo never goes unnoticed."""
+  d = dict(d)
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"Unknown ModelConfig fields: {unknown}")
+  if "moe" in d:
+    d["moe"] = MoEConfig(**d["moe"])
+  if "attention" in d:
+    att = dict(d["attention"])
+    att["pattern"] = tuple(att.get("pattern", ()))
+    d["attention"] = AttentionConfig(**att)
+  if "mlp_only_layers" in d:
+    d["mlp_only_layers"] = tuple(d["mlp_only_layers"])
+  return ModelConfig(**d)

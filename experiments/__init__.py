@@ -1,0 +1,1 @@
+"""Ablations and benchmarks built on qwen3_jax."""

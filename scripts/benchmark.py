@@ -1,0 +1,31 @@
+r"""Benchmarks: prints a table and one JSON line per row.
+
+python scripts/benchmark.py --suite=moe|train|attention|all
+"""
+
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+SUITES = ("moe", "train", "attention")
+FLAGS = flags.DEFINE_string("suite", "all", f"One of {SUITES} or 'all'.")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions per case (median is reported).")
+flags.DEFINE_bool("quick", False, "Small shapes, for a smoke run.")
+
+
+def main(argv):
+  del argv
+  suite = flags.FLAGS.suite
+  names = SUITES if suite == "all" else (suite,)
+  for name in names:
+    if name not in SUITES:
+      raise app.UsageError(f"--suite={name!r} is not one of {SUITES} or 'all'")
+    importlib.import_module(f"experiments.benchmarks.{name}").run(flags.FLAGS)
+
+
+if __name__ == "__main__":
+  app.run(main)
