@@ -1,0 +1,539 @@
+"""MoE layer: routing, dispatch strategies, dropped tokens, padding, aux losses.
+
+Every number is checked against an independent float64 numpy reference that routes one token
+at a time (softmax -> top-k or top-p -> renormalise iff norm_topk_prob) and runs the chosen
+experts' SwiGLU one by one.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwen3_jax import config as C
+from qwen3_jax.config import MeshConfig, MoEConfig
+from qwen3_jax.model import moe as moe_lib
+from qwen3_jax.model.moe import MoE
+from qwen3_jax.sharding import make_mesh, use_mesh
+
+D, F, E, K = 64, 32, 8, 2  # the tiny preset's MoE shapes
+B, L = 4, 8  # T = 32 tokens
+T = B * L
+NO_DROP_CF = float(E)  # C = min(T, ceil(cf * T * k / E)) = T: nothing can overflow
+
+
+def moe_cfg(strategy="dense", **moe_kw):
+  norm = moe_kw.pop("norm_topk_prob", True)
+  moe_kw.setdefault("capacity_factor", NO_DROP_CF)
+  return C.tiny(norm_topk_prob=norm, moe=MoEConfig(strategy=strategy, **moe_kw))
+
+
+# Routing variants x strategies of the equivalence tests.
+ROUTINGS = {
+  "topk_norm": dict(norm_topk_prob=True),
+  "topk_nonorm": dict(norm_topk_prob=False),
+  "topp": dict(routing="topp", top_p=0.5, max_experts=4),
+  "topp_nonorm": dict(routing="topp", top_p=0.7, max_experts=3, norm_topk_prob=False),
+}
+STRATEGIES = ("dense", "capacity", "dropless")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_weights(seed, gate_scale=3.0):
+  """Expert weights of unit-ish scale and a router sharp enough that top-k is not a near-tie."""
+  rng = np.random.default_rng(seed)
+  w = {
+    "gate": rng.normal(size=(D, E)) * gate_scale / np.sqrt(D),
+    "gate_proj": rng.normal(size=(E, D, F)) / np.sqrt(D),
+    "up_proj": rng.normal(size=(E, D, F)) / np.sqrt(D),
+    "down_proj": rng.normal(size=(E, F, D)) / np.sqrt(F),
+  }
+  return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def _apply(cfg, w, x, segment_ids):
+  layer = MoE(cfg, rngs=nnx.Rngs(0))  # traced init, overwritten below (dead code for XLA)
+  for name, value in w.items():
+    getattr(layer, name)[...] = value
+  return layer(x, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def moe_forward(cfg, w, x, segment_ids):
+  """(y [B, L, D], aux) of an MoE layer with weights `w`."""
+  return _apply(cfg, w, x, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def moe_grad(cfg, w, x, segment_ids, cotangent):
+  """y, aux and the gradients of sum(y * cotangent) w.r.t. (weights, x)."""
+
+  def loss(w, x):
+    y, aux = _apply(cfg, w, x, segment_ids)
+    return jnp.sum(y * cotangent), (y, aux)
+
+  (_, (y, aux)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, x)
+  return y, aux, grads
+
+
+def silu(v):
+  return v / (1.0 + np.exp(-v))
+
+
+def softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def ref_route(cfg, probs_t):
+  """One token's (expert ids, weights), walking experts in order of probability."""
+  order = np.argsort(-probs_t, kind="stable")
+  chosen, total = [], 0.0
+  for e in order:
+    chosen.append(int(e))
+    total += probs_t[e]
+    if cfg.moe.routing == "topk" and len(chosen) == cfg.num_experts_per_tok:
+      break
+    if cfg.moe.routing == "topp" and (
+      total >= cfg.moe.top_p or len(chosen) == min(cfg.moe.max_experts, cfg.num_experts)
+    ):
+      break
+  wts = probs_t[chosen]
+  if cfg.norm_topk_prob:
+    wts = wts / wts.sum()
+  return chosen, wts
+
+
+def ref_expert(w, e, x_t):
+  h = silu(x_t @ w["gate_proj"][e]) * (x_t @ w["up_proj"][e])
+  return h @ w["down_proj"][e]
+
+
+def reference_moe(cfg, w, x, mask=None, keep=None):
+  """Per-token loop. x: [T, D]. keep(t, j, e) -> bool lets a test drop slot j of token t.
+
+  Returns y [T, D], logits [T, E], probs [T, E] and the routing (ids, weights) per token.
+  """
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+  x = np.asarray(x, np.float64)
+  logits = x @ w["gate"]
+  probs = softmax(logits)
+  y = np.zeros_like(x)
+  routes = []
+  for t in range(x.shape[0]):
+    if mask is not None and not mask[t]:
+      routes.append(([], np.zeros(0)))
+      continue
+    chosen, wts = ref_route(cfg, probs[t])
+    routes.append((chosen, wts))
+    for j, (e, wt) in enumerate(zip(chosen, wts, strict=True)):
+      if keep is None or keep(t, j, e):
+        y[t] += wt * ref_expert(w, e, x[t])
+  return y, logits, probs, routes
+
+
+def ref_balance(probs, routes, mask, seq_len):
+  """Numpy load-balance loss: (global, per-sequence mean) for E * sum_i f_i P_i."""
+  mask = np.asarray(mask, bool)
+
+  def lb(rows):
+    counts = np.zeros(E)
+    for t in rows:
+      for e in routes[t][0]:
+        counts[e] += 1
+    f = counts / max(counts.sum(), 1)
+    p = probs[rows].mean(0)
+    return E * np.sum(f * p)
+
+  real = np.flatnonzero(mask)
+  per_seq = []
+  for s in range(len(mask) // seq_len):
+    rows = [t for t in range(s * seq_len, (s + 1) * seq_len) if mask[t]]
+    if rows:
+      per_seq.append(lb(rows))
+  return lb(real), float(np.mean(per_seq))
+
+
+def assert_close(actual, expected, rel=1e-5, what=""):
+  """max |a - e| <= rel * max |e| (a relative tolerance on the array's scale)."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+  scale = max(np.abs(expected).max(), 1e-12)
+  err = np.abs(actual - expected).max()
+  assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(B, L, D)).astype(np.float32)
+  cot = rng.normal(size=(B, L, D)).astype(np.float32)
+  return random_weights(0), x, cot
+
+
+@pytest.fixture(scope="module")
+def results(data):
+  """moe_grad for every (routing, strategy), computed once: {(routing, strategy): out}."""
+  w, x, cot = data
+  seg = np.ones((B, L), np.int32)
+  return {
+    (r, s): moe_grad(moe_cfg(s, **ROUTINGS[r]), w, x, seg, cot)
+    for r in ROUTINGS
+    for s in STRATEGIES
+  }
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_strategy_matches_per_token_reference(data, results, routing, strategy):
+  w, x, _ = data
+  cfg = moe_cfg(strategy, **ROUTINGS[routing])
+  y, aux, _ = results[(routing, strategy)]
+  y_ref, logits, probs, routes = reference_moe(cfg, w, x.reshape(T, D))
+  if cfg.moe.routing == "topp":  # keep the test away from float ties at the threshold
+    cum = np.cumsum(-np.sort(-probs, axis=-1), axis=-1)
+    assert np.abs(cum - cfg.moe.top_p).min() > 1e-4
+  assert_close(y.reshape(T, D), y_ref, what=f"{routing}/{strategy} output")
+  counts = np.bincount(np.concatenate([r[0] for r in routes]), minlength=E)
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]), counts)
+  n_slots = sum(len(r[0]) for r in routes)
+  np.testing.assert_allclose(aux["experts_per_token"], n_slots / T, rtol=1e-6)
+  assert float(aux["dropped_fraction"]) == 0.0
+  lb_global, _ = ref_balance(probs, routes, np.ones(T), L)
+  np.testing.assert_allclose(aux["load_balance_loss"], lb_global, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["capacity", "dropless"])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_strategy_matches_dense_outputs_and_gradients(results, routing, strategy):
+  y_d, aux_d, (gw_d, gx_d) = results[(routing, "dense")]
+  y, aux, (gw, gx) = results[(routing, strategy)]
+  assert_close(y, y_d, what="output")
+  assert_close(gx, gx_d, what="grad x")
+  assert set(gw) == {"gate", "gate_proj", "up_proj", "down_proj"}
+  for name in gw:
+    assert np.abs(np.asarray(gw_d[name])).max() > 0, name  # the test sees every weight
+    assert_close(gw[name], gw_d[name], what=f"grad {name}")
+  for name in ("load_balance_loss", "router_z_loss", "dynamic_loss", "experts_per_token"):
+    np.testing.assert_allclose(aux[name], aux_d[name], rtol=1e-6, err_msg=name)
+
+
+def test_norm_topk_prob_false_keeps_raw_probabilities(data, results):
+  """Without renormalisation the output is the sum of prob-weighted experts (weights < 1)."""
+  w, x, _ = data
+  cfg_n, cfg_r = moe_cfg(**ROUTINGS["topk_norm"]), moe_cfg(**ROUTINGS["topk_nonorm"])
+  y_norm = np.asarray(results[("topk_norm", "dense")][0]).reshape(T, D)
+  y_raw = np.asarray(results[("topk_nonorm", "dense")][0]).reshape(T, D)
+  _, _, probs, routes = reference_moe(cfg_r, w, x.reshape(T, D))
+  for t in range(T):
+    mass = probs[t, routes[t][0]].sum()  # y_raw = mass * y_norm exactly, for each token
+    assert mass < 0.999
+    np.testing.assert_allclose(y_raw[t], mass * y_norm[t], rtol=1e-4, atol=1e-6)
+  assert ref_route(cfg_n, probs[0])[1].sum() == pytest.approx(1.0)
+
+
+def test_auto_strategy_per_backend():
+  assert moe_lib.resolve_strategy("auto", "cpu") == "capacity"
+  assert moe_lib.resolve_strategy("auto", "gpu") == "dropless"
+  assert moe_lib.resolve_strategy("auto", "tpu") == "dropless"
+  assert moe_lib.resolve_strategy("dense", "gpu") == "dense"
+
+
+# ----------------------------------------------------------------------------- drops, padding
+
+
+def forced_routing_inputs(types):
+  """Weights and x whose router sends a type-0 token to experts (0, 1), type-1 to (1, 0).
+
+  Only x[:, 0] and x[:, 1] reach the router: logits are [10, 5, 0, ...] for type 0 and
+  [5, 10, 0, ...] for type 1, whatever the other features are.
+  """
+  w = random_weights(3)
+  w["gate"] = np.zeros((D, E), np.float32)
+  w["gate"][0, :2] = [10.0, 5.0]
+  w["gate"][1, :2] = [5.0, 10.0]
+  x = np.random.default_rng(4).normal(size=(T, D)).astype(np.float32)
+  x[:, 0] = np.asarray(types) == 0
+  x[:, 1] = np.asarray(types) == 1
+  return w, x
+
+
+@pytest.mark.parametrize(
+  "cf, cap, expected_dropped",
+  [
+    # 16 type-0 + 16 type-1 tokens, k=2: each of experts 0 and 1 receives 16 first choices
+    # and 16 second choices (64 slots). C = ceil(cf * 32 * 2 / 8).
+    (1.0, 8, 48),  # each keeps 8 first choices: 64 - 16 dropped
+    (2.5, 20, 24),  # each keeps 16 first + 4 second choices: 64 - 40 dropped
+  ],
+)
+def test_capacity_drops_are_counted_and_zeroed(cf, cap, expected_dropped):
+  types = np.arange(T) % 2  # alternating 0, 1
+  w, x = forced_routing_inputs(types)
+  cfg = moe_cfg("capacity", capacity_factor=cf)
+  assert moe_lib.capacity(T, K, E, cf) == cap
+  y, aux = moe_forward(cfg, w, x.reshape(B, L, D), np.ones((B, L), np.int32))
+  # Independent model of the documented policy: per expert, slots ranked by (choice, token).
+  slots = sorted((j, t, e) for t in range(T) for j, e in enumerate([types[t], 1 - types[t]]))
+  kept, seen = set(), np.zeros(E, int)
+  for j, t, e in slots:
+    if seen[e] < cap:
+      kept.add((t, j))
+    seen[e] += 1
+  assert 2 * T - len(kept) == expected_dropped
+  y_ref, _, _, routes = reference_moe(cfg, w, x, keep=lambda t, j, e: (t, j) in kept)
+  assert [r[0] for r in routes] == [[s, 1 - s] for s in types]  # the forcing worked
+  np.testing.assert_allclose(aux["dropped_fraction"], expected_dropped / (2 * T), rtol=1e-6)
+  np.testing.assert_array_equal(aux["tokens_per_expert"], [T, T] + [0] * (E - 2))
+  y = np.asarray(y).reshape(T, D)
+  assert_close(y, y_ref, what="kept slots")
+  fully_dropped = [t for t in range(T) if (t, 0) not in kept and (t, 1) not in kept]
+  assert len(fully_dropped) == (T - 2 * cap if cap < T // 2 else 0)
+  assert np.all(y[fully_dropped] == 0.0)
+
+
+def test_padding_is_not_routed_and_takes_no_capacity():
+  """8 padding tokens in front, all tokens forced to experts (0, 1), C = 8."""
+  types = np.zeros(T, int)
+  w, x = forced_routing_inputs(types)
+  seg = np.ones(T, np.int32)
+  seg[:8] = 0
+  cfg = moe_cfg("capacity", capacity_factor=1.0)
+  y, aux = moe_forward(cfg, w, x.reshape(B, L, D), seg.reshape(B, L))
+  y = np.asarray(y).reshape(T, D)
+  # 24 real tokens x 2 slots = 48; experts 0 and 1 keep the first 8 real tokens (8..15) each.
+  np.testing.assert_array_equal(aux["tokens_per_expert"], [24, 24] + [0] * (E - 2))
+  np.testing.assert_allclose(aux["dropped_fraction"], 32 / 48, rtol=1e-6)
+  np.testing.assert_allclose(aux["experts_per_token"], 2.0, rtol=1e-6)
+  y_ref, _, probs, _ = reference_moe(cfg, w, x, mask=seg > 0, keep=lambda t, j, e: t < 16)
+  assert np.all(y[:8] == 0.0) and np.all(y[16:] == 0.0)
+  assert_close(y, y_ref, what="padded batch")
+  np.testing.assert_allclose(aux["expert_prob"], probs[8:].mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_padding_in_every_strategy(data, strategy):
+  """Random routing with ragged padding: pads output 0, real tokens match the reference."""
+  w, x, cot = data
+  rng = np.random.default_rng(5)
+  seg = np.ones((B, L), np.int32)
+  for b in range(B):
+    seg[b, rng.integers(1, L) :] = 0
+  cfg = moe_cfg(strategy)
+  y, aux, _ = moe_grad(cfg, w, x, seg, cot)  # same compiled function as the equivalence tests
+  mask = seg.reshape(-1) > 0
+  y_ref, logits, probs, routes = reference_moe(cfg, w, x.reshape(T, D), mask=mask)
+  y = np.asarray(y).reshape(T, D)
+  assert np.all(y[~mask] == 0.0)
+  assert_close(y, y_ref, what="real tokens")
+  assert float(aux["tokens_per_expert"].sum()) == K * mask.sum()
+  lb_global, lb_seq = ref_balance(probs, routes, mask, L)
+  np.testing.assert_allclose(aux["load_balance_loss"], lb_global, rtol=1e-5)
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(aux["router_z_loss"], np.mean(lse[mask] ** 2), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dynamic routing
+
+
+def _topp_cfg(p, max_experts=8, norm=True, num_experts=E):
+  return C.tiny(
+    num_experts=num_experts,
+    norm_topk_prob=norm,
+    moe=MoEConfig(routing="topp", top_p=p, max_experts=max_experts),
+  )
+
+
+def test_topp_hand_computed():
+  probs = np.array(
+    [[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.1, 0.7, 0.1, 0.1]], np.float32
+  )
+  logits = jnp.log(probs)
+  # p -> (active count per token, expected weights of token 0 with renormalisation)
+  cases = {
+    0.4: ([1, 1, 1], [1.0, 0.0, 0.0]),  # 0.5 >= 0.4 after one expert
+    0.6: ([2, 2, 1], [0.5 / 0.8, 0.3 / 0.8, 0.0]),  # 0.5 < 0.6 <= 0.8
+    0.85: ([3, 3, 3], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95]),  # 0.8 < 0.85 <= 0.95
+    0.99: ([3, 3, 3], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95]),  # would need 4: capped at 3
+  }
+  for p, (n_active, w0) in cases.items():
+    cfg = _topp_cfg(p, max_experts=3, num_experts=4)
+    ids, weights, active, out_probs = moe_lib.route(logits, cfg)
+    np.testing.assert_allclose(out_probs, probs, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(active).sum(-1), n_active, err_msg=f"p={p}")
+    np.testing.assert_array_equal(ids[0], [0, 1, 2])
+    np.testing.assert_array_equal(ids[1], [3, 2, 1])
+    assert int(ids[2, 0]) == 1
+    np.testing.assert_allclose(weights[0], w0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+  # Without renormalisation the weights are the raw probabilities of the active experts.
+  _, weights, _, _ = moe_lib.route(logits, _topp_cfg(0.6, 3, norm=False, num_experts=4))
+  np.testing.assert_allclose(weights, [[0.5, 0.3, 0], [0.5, 0.3, 0], [0.7, 0, 0]], rtol=1e-6)
+
+
+def test_topp_count_between_one_and_max_and_grows_with_p():
+  rng = np.random.default_rng(6)
+  logits = jnp.asarray(rng.normal(size=(512, E)) * 1.5, jnp.float32)
+  probs = softmax(np.asarray(logits, np.float64))
+  means, prev = [], None
+  for p in (0.2, 0.4, 0.6, 0.8, 0.95):
+    cfg = _topp_cfg(p, max_experts=6)
+    _, weights, active, _ = moe_lib.route(logits, cfg)
+    n = np.asarray(active).sum(-1)
+    assert n.min() >= 1 and n.max() <= 6
+    assert np.all((np.asarray(weights) > 0) == np.asarray(active))
+    expected = np.array([len(ref_route(cfg, probs[t])[0]) for t in range(len(probs))])
+    np.testing.assert_array_equal(n, expected)
+    if prev is not None:
+      assert np.all(n >= prev)  # per token, a larger p never activates fewer experts
+    prev = n
+    means.append(n.mean())
+  assert all(a < b for a, b in zip(means[:-1], means[1:], strict=True)), means
+  assert means[0] < 1.5 and means[-1] > 4, means  # the range really is used
+  # The cap binds: p=1 would need all 8 experts.
+  _, _, active, _ = moe_lib.route(logits, _topp_cfg(1.0, max_experts=3))
+  assert np.all(np.asarray(active).sum(-1) == 3)
+
+
+# ----------------------------------------------------------------------------- aux losses
+
+
+def test_router_stats_hand_computed():
+  """E=4, k=2, T=4 tokens in 2 sequences of 2, every number below worked out by hand."""
+  probs = np.array(
+    [
+      [0.4, 0.3, 0.2, 0.1],
+      [0.5, 0.1, 0.3, 0.1],
+      [0.6, 0.2, 0.1, 0.1],
+      [0.3, 0.1, 0.1, 0.5],
+    ],
+    np.float32,
+  )
+  ids = jnp.array([[0, 1], [0, 2], [0, 1], [3, 0]], jnp.int32)
+  active = jnp.ones((4, 2), bool)
+  shift = np.array([1.0, 2.0, 0.0, -1.0], np.float32)  # logsumexp of each row's logits
+  logits = jnp.asarray(np.log(probs) + shift[:, None])
+  mask = jnp.ones(4, bool)
+
+  def stats(balance, token_mask=mask):
+    return moe_lib.router_stats(logits, ids, active, probs, token_mask, 4, balance, seq_len=2)
+
+  g = stats("global")
+  # counts [4, 2, 1, 1] / 8 slots; P = column means [0.45, 0.175, 0.175, 0.2]
+  np.testing.assert_allclose(g["expert_fraction"], [0.5, 0.25, 0.125, 0.125])
+  np.testing.assert_allclose(g["expert_prob"], [0.45, 0.175, 0.175, 0.2], rtol=1e-6)
+  # 4 * (0.5*0.45 + 0.25*0.175 + 0.125*0.175 + 0.125*0.2) = 4 * 0.315625
+  np.testing.assert_allclose(g["load_balance_loss"], 1.2625, rtol=1e-6)
+  np.testing.assert_allclose(g["router_z_loss"], (1 + 4 + 0 + 1) / 4, rtol=1e-5)
+  ent = -(probs * np.log(probs)).sum(-1).mean()
+  np.testing.assert_allclose(g["dynamic_loss"], ent, rtol=1e-6)
+  np.testing.assert_allclose(g["experts_per_token"], 2.0)
+  np.testing.assert_array_equal(g["tokens_per_expert"], [4, 2, 1, 1])
+  # Per sequence: seq 1 f=[.5,.25,.25,0], P=[.45,.2,.25,.1] -> 4*0.3375 = 1.35;
+  # seq 2 f=[.5,.25,0,.25], P=[.45,.15,.1,.3] -> 4*0.3375 = 1.35.
+  np.testing.assert_allclose(stats("sequence")["load_balance_loss"], 1.35, rtol=1e-6)
+  # Masking token 3: counts [3, 2, 1, 0] / 6, P = [0.5, 0.2, 0.2, 0.1] -> 4 * 0.35 = 1.4.
+  m = stats("global", jnp.array([True, True, True, False]))
+  np.testing.assert_allclose(m["load_balance_loss"], 1.4, rtol=1e-6)
+  np.testing.assert_allclose(m["router_z_loss"], (1 + 4 + 0) / 3, rtol=1e-5)
+  # Perfect balance gives exactly 1.
+  np.testing.assert_allclose(moe_lib.load_balance_loss(jnp.full(4, 0.25), jnp.full(4, 0.25)), 1.0)
+
+
+def imbalanced_batch():
+  """Sequence b routes (almost) only to experts 2b and 2b+1: balanced over the batch, not within
+  a sequence. Router logits come from x[:, :4] alone (one-hot of the sequence)."""
+  w = random_weights(7)
+  w["gate"] = np.zeros((D, E), np.float32)
+  for b in range(B):
+    w["gate"][b, 2 * b] = 4.0
+    w["gate"][b, 2 * b + 1] = 3.0
+  x = np.random.default_rng(8).normal(size=(B, L, D)).astype(np.float32)
+  x[:, :, :B] = np.eye(B, dtype=np.float32)[:, None, :] + 0.3 * x[:, :, :B]
+  return w, x
+
+
+@pytest.fixture(scope="module")
+def sharded_balance():
+  """{(balance, n_data): aux} for the imbalanced batch on meshes (data=n) of the first n CPUs."""
+  w, x = imbalanced_batch()
+  seg = np.ones((B, L), np.int32)
+  out = {}
+  for balance in ("global", "sequence"):
+    cfg = moe_cfg("capacity", balance=balance)
+    for n in (1, 2, 4):
+      mesh = make_mesh(MeshConfig(data=n), jax.devices()[:n])
+      with use_mesh(mesh):
+        out[(balance, n)] = jax.device_get(moe_forward(cfg, w, x, seg)[1])
+  return out
+
+
+def test_global_balance_is_independent_of_data_sharding(sharded_balance):
+  w, x = imbalanced_batch()
+  _, _, probs, routes = reference_moe(moe_cfg(), w, x.reshape(T, D))
+  lb_global, lb_seq = ref_balance(probs, routes, np.ones(T), L)
+  for balance, expected in (("global", lb_global), ("sequence", lb_seq)):
+    for n in (1, 2, 4):
+      aux = sharded_balance[(balance, n)]
+      np.testing.assert_allclose(aux["load_balance_loss"], expected, rtol=1e-5, err_msg=f"{n}")
+      np.testing.assert_allclose(
+        aux["router_z_loss"], sharded_balance[("global", 1)]["router_z_loss"], rtol=1e-6
+      )
+  # The batch is built so that the variants differ a lot: every sequence is imbalanced on
+  # its own (2 of 8 experts), the global batch much less so.
+  assert lb_seq > 2.5 * lb_global, (lb_seq, lb_global)
+  # A per-shard (unsynchronised) average would differ from the global value: the psum matters.
+  half = T // 2
+  local = [
+    ref_balance(probs[s], routes[s], np.ones(half), L)[0] for s in (slice(0, half), slice(half, T))
+  ]
+  assert abs(np.mean(local) - lb_global) > 0.5
+
+
+def test_z_and_dynamic_loss_against_numpy(data, results):
+  w, x, _ = data
+  _, logits, probs, _ = reference_moe(moe_cfg(), w, x.reshape(T, D))
+  aux = results[("topp", "dense")][1]
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(aux["router_z_loss"], np.mean(lse**2), rtol=1e-5)
+  entropy = -(probs * np.log(probs)).sum(-1)
+  np.testing.assert_allclose(aux["dynamic_loss"], entropy.mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux["expert_prob"], probs.mean(0), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- expert parallel
+
+
+@pytest.fixture(scope="module")
+def ep_results(data):
+  """Every strategy on an 8-device (data=2, expert=2, tensor=2) mesh, top-k routing."""
+  w, x, cot = data
+  seg = np.ones((B, L), np.int32)
+  mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+  out = {}
+  with use_mesh(mesh):
+    for s in STRATEGIES:
+      out[s] = jax.device_get(moe_grad(moe_cfg(s), w, x, seg, cot))
+  return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_expert_parallel_matches_unsharded_dense(results, ep_results, strategy):
+  y_d, aux_d, (gw_d, gx_d) = results[("topk_norm", "dense")]
+  y, aux, (gw, gx) = ep_results[strategy]
+  assert_close(y, y_d, what="output")
+  assert_close(gx, gx_d, what="grad x")
+  for name in gw:
+    assert_close(gw[name], gw_d[name], what=f"grad {name}")
+  np.testing.assert_allclose(aux["load_balance_loss"], aux_d["load_balance_loss"], rtol=1e-6)
+  np.testing.assert_array_equal(aux["tokens_per_expert"], aux_d["tokens_per_expert"])
+  assert float(aux["dropped_fraction"]) == 0.0
