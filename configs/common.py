@@ -1,0 +1,88 @@
+"""Shared config pieces and THE function that turns a ConfigDict into library dataclasses.
+
+Config files (`configs/*.py`) return an `ml_collections.ConfigDict` from `get_config(arg)`;
+`to_train_config(cd)` is the only place that reads one, so the library stays typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from qwen3_jax import config as C
+from qwen3_jax.data.pipeline import DataConfig
+from qwen3_jax.train.config import OptimConfig, TrainConfig
+
+# Flat fields every training config must set (see TrainConfig for their meaning).
+REQUIRED = ("num_steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "seed")
+NESTED = ("model", "optim", "data", "mesh")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'model=tiny,steps=200' -> ConfigDict; values take the type of their default."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """A model preset from qwen3_jax.config (tiny, small, qwen3_30b_a3b, ...) as a ConfigDict."""
+  return ml_collections.ConfigDict(C.to_dict(C.preset(name, **overrides)))
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**dataclasses.asdict(OptimConfig()), **overrides})
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  d = {**dataclasses.asdict(DataConfig()), **overrides}
+  d["sources"] = ",".join(d["sources"]) if not isinstance(d["sources"], str) else d["sources"]
+  return ml_collections.ConfigDict(d)
+
+
+def mesh_config(**sizes) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**dataclasses.asdict(C.MeshConfig(data=-1)), **sizes})
+
+
+def _build(cls, d: dict, where: str):
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"unknown {where} fields {unknown}; known: {sorted(known)}")
+  try:
+    return cls(**d)
+  except TypeError as e:
+    raise ValueError(f"invalid {where} config: {e}") from None
+
+
+def to_train_config(cd: ml_collections.ConfigDict) -> TrainConfig:
+  """ConfigDict -> TrainConfig, failing with a message that names any missing/invalid field."""
+  d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  missing = [k for k in REQUIRED + NESTED if k not in d]
+  if missing:
+    raise ValueError(f"config is missing required fields {missing}")
+  for k in REQUIRED:
+    if not isinstance(d[k], int) or isinstance(d[k], bool):
+      raise ValueError(f"config field {k} must be an int, got {d[k]!r}")
+  model = C.from_dict(d.pop("model"))
+  optim = _build(OptimConfig, d.pop("optim"), "optim")
+  data = dict(d.pop("data"))
+  src = data.get("sources", ())
+  data["sources"] = tuple(s for s in src.split(",") if s) if isinstance(src, str) else tuple(src)
+  data = _build(DataConfig, data, "data")
+  mesh = _build(C.MeshConfig, d.pop("mesh"), "mesh")
+  return _build(
+    TrainConfig, {**d, "model": model, "optim": optim, "data": data, "mesh": mesh}, "top-level"
+  )

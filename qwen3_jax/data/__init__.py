@@ -1,0 +1,1 @@
+"""Tokenizer, the embedded default corpus, and the packed, sharded, resumable pipeline."""

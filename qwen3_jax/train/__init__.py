@@ -1,0 +1,1 @@
+"""Training: losses, AdamW, TrainState, the jitted step, the loop, metrics."""

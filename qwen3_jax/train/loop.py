@@ -1,0 +1,258 @@
+"""The training loop shared by pretraining and SFT: data, init / resume, steps, eval,
+checkpoints, metrics, preemption, and a greedy sample at the end.
+
+`train(cfg, workdir)` resumes from the newest readable checkpoint in `workdir`, else starts
+from `cfg.init_from` (params only) or from scratch. Every process of a multi-process run calls
+it; each feeds its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3_jax import checkpoint as ckpt
+from qwen3_jax import sharding as shd
+from qwen3_jax.config import to_dict
+from qwen3_jax.data import pipeline
+from qwen3_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from qwen3_jax.train.config import TrainConfig
+from qwen3_jax.train.metrics import MetricsWriter
+from qwen3_jax.train.step import Program, TrainState, make_program
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_data(cfg: TrainConfig, workdir: str, printer=print):
+  """(tokenizer, train Batches, eval Batches or None). A trained tokenizer is saved in workdir."""
+  dcfg = cfg.data
+  docs = pipeline.read_documents(dcfg, cfg.seed)
+  saved = os.path.join(workdir, "tokenizer.json")
+  if dcfg.tokenizer:
+    tok = load_tokenizer(dcfg.tokenizer)
+  elif os.path.exists(saved):
+    tok = load_tokenizer(saved)
+  else:
+    if jax.process_index() == 0:
+      t0 = time.time()
+      tok = train_tokenizer((t for d in docs for t, _ in d), dcfg.vocab_size)
+      tok.save(saved + ".tmp")
+      os.replace(saved + ".tmp", saved)
+      printer(f"trained a {tok.get_vocab_size()}-token BPE in {time.time() - t0:.1f}s -> {saved}")
+    ckpt._sync("tokenizer")
+    tok = load_tokenizer(saved)
+  if tok.get_vocab_size() > cfg.model.vocab_size:
+    raise ValueError(
+      f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size={cfg.model.vocab_size}"
+    )
+  ids, loss, doc = pipeline.tokenize(docs, tok)
+  rows = pipeline.pack(ids, loss, doc, cfg.seq_len)
+  train_rows, eval_rows = pipeline.split_rows(rows, dcfg.eval_fraction)
+  kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train = pipeline.Batches(train_rows, cfg.batch_size, seed=cfg.seed, **kw)
+  evals = None
+  if cfg.eval_every and len(eval_rows["inputs"]) >= cfg.batch_size:
+    evals = pipeline.Batches(eval_rows, cfg.batch_size, seed=0, shuffle=False, **kw)
+  printer(
+    f"data: {len(ids):,} tokens -> {train.num_rows:,} train rows, "
+    f"{len(eval_rows['inputs'])} eval rows of {cfg.seq_len} tokens"
+  )
+  return tok, train, evals
+
+
+def to_global(local: dict, prog: Program) -> dict:
+  """Process-local numpy rows -> global jax arrays sharded over the batch axes."""
+  b = prog.cfg.batch_size
+  return {
+    k: jax.make_array_from_process_local_data(prog.batch_sharding, v, (b,) + v.shape[1:])
+    for k, v in local.items()
+  }
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def initial_state(prog: Program, ck: ckpt.Checkpointer, data: pipeline.Batches, printer):
+  """Newest readable checkpoint, else init (+ params from cfg.init_from). Returns (state, step)."""
+  target = prog.abstract_state()
+  opt_target = {"opt": target.opt_state, "step": target.step, "skipped": target.skipped}
+  restored = ck.restore_latest(
+    target.params,
+    opt_target,
+    on_skip=lambda s, why: printer(f"WARNING: checkpoint {s} unreadable, skipped ({why})"),
+  )
+  if restored is not None:
+    step, params, opt, data_state, _ = restored
+    data.set_state(data_state)
+    state = TrainState(opt["step"], params, opt["opt"], opt["skipped"], jnp.zeros((), jnp.int32))
+    state = jax.device_put(state, prog.state_shardings)
+    printer(f"resumed from {ck.root}/{step}")
+    return state, step
+  state = prog.init()
+  if prog.cfg.init_from:
+    model, mcfg = ckpt.load_params(prog.cfg.init_from, prog.mesh)
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    shapes = jax.tree.map(lambda a: a.shape, params)
+    want = jax.tree.map(lambda a: a.shape, state.params)
+    if shapes != want:
+      raise ValueError(f"init_from={prog.cfg.init_from}: parameter shapes differ from the model")
+    state = dataclasses.replace(state, params=params)
+    printer(f"initialised parameters from {prog.cfg.init_from}")
+  return state, 0
+
+
+def save(ck, state: TrainState, step: int, data, cfg: TrainConfig, force=False) -> bool:
+  opt = {"opt": state.opt_state, "step": state.step, "skipped": state.skipped}
+  meta = {"model": to_dict(cfg.model), "step": step, "skipped": int(state.skipped)}
+  return ck.save(step, state.params, opt, data.get_state(), meta, force=force)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def evaluate(prog: Program, params, evals: pipeline.Batches) -> float:
+  tot = n = 0.0
+  for i in range(min(prog.cfg.eval_batches, evals.num_rows // prog.cfg.batch_size)):
+    out = jax.device_get(prog.eval_step(params, to_global(evals[i], prog)))
+    tot, n = tot + float(out["ce_sum"]), n + float(out["n"])
+  return tot / max(n, 1.0)
+
+
+def train(
+  cfg: TrainConfig,
+  workdir: str,
+  *,
+  printer: Callable[[str], None] = print,
+  on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+  """Trains to `cfg.num_steps` (resuming if `workdir` has checkpoints); returns a summary.
+
+  `on_step(step, ctx)` (tests, tools) runs after every step with ctx = {"state", "checkpointer"}.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  printer = printer if jax.process_index() == 0 else (lambda *_: None)
+  mesh = shd.make_mesh(cfg.mesh)
+  printer(f"workdir {workdir}; mesh {dict(mesh.shape)}; {jax.process_count()} process(es)")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2)
+  tok, data, evals = build_data(cfg, workdir, printer)
+  prog = make_program(cfg, mesh)
+  ck = ckpt.Checkpointer(
+    workdir,
+    save_every=cfg.checkpoint_every,
+    keep=cfg.keep_checkpoints,
+    async_save=cfg.async_checkpoint,
+  )
+  state, start = initial_state(prog, ck, data, printer)
+  writer = MetricsWriter(workdir, cfg.num_steps, printer)
+  preempted = []
+  old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  tokens_seen, t_log, steps_since = 0.0, time.time(), 0
+  first_loss = last = None
+  step = start
+  try:
+    while step < cfg.num_steps:
+      batch = to_global(data[step], prog)
+      data.step = step + 1
+      state, m = prog.train_step(state, batch)
+      step += 1
+      steps_since += 1
+      if int(m["bad_streak"]) >= cfg.max_bad_steps:
+        raise NonFiniteError(
+          f"{cfg.max_bad_steps} non-finite steps in a row at step {step} (loss or gradients "
+          f"are NaN/inf); parameters were not updated and the last good checkpoint in "
+          f"{ck.root} is intact. Lower optim.lr or check the data."
+        )
+      if step % cfg.log_every == 0 or step == cfg.num_steps or step == start + 1:
+        m = jax.device_get(m)
+        now = time.time()
+        tokens_seen += float(m["tokens"]) * steps_since
+        tps = float(m["tokens"]) * steps_since / max(now - t_log, 1e-9)
+        t_log, steps_since = now, 0
+        scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
+        scalars["tokens_per_s"] = tps
+        arrays = {"expert_load": m["expert_load"]} if "expert_load" in m else None
+        writer.write(step, scalars, arrays)
+        last = float(m["loss"])
+        first_loss = last if first_loss is None else first_loss
+        extra = f"  skipped {int(m['skipped'])}" if int(m["skipped"]) else ""
+        writer.progress(step, last, tps, extra)
+      if evals is not None and cfg.eval_every and step % cfg.eval_every == 0:
+        ev = evaluate(prog, state.params, evals)
+        writer.write(step, {"ce": ev}, prefix="eval")
+        printer(f"step {step:>6}  eval ce {ev:.4f}")
+      save(ck, state, step, data, cfg)
+      if on_step is not None:
+        on_step(step, {"state": state, "checkpointer": ck})
+      if _any_process(bool(preempted)):
+        printer(f"SIGTERM: saving step {step} and stopping")
+        break
+    save(ck, state, step, data, cfg, force=True)
+    ck.wait()
+  finally:
+    signal.signal(signal.SIGTERM, old_handler)
+    writer.close()
+    ck.close()
+  summary = {
+    "workdir": workdir,
+    "steps": step,
+    "preempted": bool(preempted),
+    "first_logged_loss": first_loss,
+    "final_loss": last,
+    "skipped_steps": int(state.skipped),
+    "wall_s": round(time.time() - writer.t_start, 1),
+    "tokens": tokens_seen,
+  }
+  if evals is not None:
+    summary["final_eval_ce"] = evaluate(prog, state.params, evals)
+  printer("summary: " + json.dumps(summary))
+  summary["state"] = state
+  summary["tokenizer"] = tok
+  return summary
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def greedy_generate(model: nnx.Module, prompt: list[int], num_tokens: int) -> list[int]:
+  """Greedy continuation without a KV cache: a fixed [1, P + n] buffer, one jit, n calls."""
+  total = len(prompt) + num_tokens
+  buf = jnp.zeros((1, total), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def next_token(params, buf, t):
+    seg = (jnp.arange(total) < t).astype(jnp.int32)[None]  # later slots are padding
+    logits = nnx.merge(graphdef, params)(buf, segment_ids=seg).logits
+    return jnp.argmax(logits[0, t - 1]).astype(jnp.int32)
+
+  for t in range(len(prompt), total):
+    buf = buf.at[0, t].set(next_token(params, buf, t))
+  return [int(x) for x in np.asarray(buf[0, len(prompt) :])]

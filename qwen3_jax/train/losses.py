@@ -1,0 +1,97 @@
+"""Next-token cross-entropy with a loss mask, output z-loss, and the MoE aux losses.
+
+Every term is written as a *sum over this micro-batch divided by a global-batch total*, so the
+sum of micro-batch losses equals the loss of the whole batch exactly. The load-balance loss is
+L = E * sum_i f_i P_i per MoE layer, averaged over layers, with f (stop-gradient) taken from
+the whole global batch (`f_global`, summed over micro-batches in a forward pre-pass) and P the
+micro-batch's mean router probability weighted by its share of the tokens: linear in P, so the
+micro-batch sum is the big-batch loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qwen3_jax.config import ModelConfig
+
+# Batch keys, all [B, L] int32: model inputs, next-token targets, segment ids (0 = padding),
+# loss mask (1 = this target counts; 0 for padding, segment ends and e.g. SFT prompts).
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask")
+
+
+def batch_totals(batch: dict) -> dict:
+  """Global-batch normalisers: loss tokens, non-padding tokens, non-empty sequences."""
+  seg = batch["segment_ids"] > 0
+  return {
+    "n_loss": jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0),
+    "n_tok": jnp.maximum(seg.astype(jnp.float32).sum(), 1.0),
+    "n_seq": jnp.maximum(seg.any(-1).astype(jnp.float32).sum(), 1.0),
+  }
+
+
+def fraction_from_counts(tokens_per_expert: jax.Array) -> jax.Array:
+  """f [n_moe, E]: share of routed slots per expert and layer (stop-gradient)."""
+  c = jax.lax.stop_gradient(tokens_per_expert.astype(jnp.float32))
+  return c / jnp.maximum(c.sum(-1, keepdims=True), 1.0)
+
+
+def loss_terms(
+  logits: jax.Array,
+  aux: dict,
+  batch: dict,
+  totals: dict,
+  cfg: ModelConfig,
+  *,
+  z_loss: float = 0.0,
+  f_global: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """This micro-batch's share of the global-batch loss, and its (additive) metrics.
+
+  Args:
+    logits: [B, L, V] float32; aux: the model's aux dict; batch: BATCH_KEYS arrays [B, L].
+    totals: `batch_totals` of the *global* batch (all micro-batches).
+    z_loss: weight of mean(logsumexp(logits)^2) over loss tokens.
+    f_global: [n_moe, E] expert fractions of the global batch; None = this micro-batch's own
+      (exact when there is one micro-batch).
+
+  Returns:
+    (loss, metrics): every metric is this micro-batch's contribution, summing to the batch value.
+  """
+  w = batch["loss_mask"].astype(jnp.float32)  # [B, L]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, L]
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+  ce_part = (ce * w).sum() / totals["n_loss"]
+  z_part = (lse**2 * w).sum() / totals["n_loss"]
+  correct = ((jnp.argmax(logits, -1) == batch["targets"]) * w).sum() / totals["n_loss"]
+  loss = ce_part + z_loss * z_part
+  metrics = {"ce": ce_part, "z_loss": z_part, "accuracy": correct}
+  if cfg.is_moe:
+    seg = batch["segment_ids"] > 0
+    tok_share = seg.astype(jnp.float32).sum() / totals["n_tok"]
+    if cfg.moe.balance == "global":
+      f = fraction_from_counts(aux["tokens_per_expert"]) if f_global is None else f_global
+      lb = jnp.mean(cfg.num_experts * jnp.sum(f * aux["expert_prob"], axis=-1)) * tok_share
+    else:  # per-sequence balance: the model's value is a mean over non-empty sequences
+      seq_share = seg.any(-1).astype(jnp.float32).sum() / totals["n_seq"]
+      lb = aux["load_balance_loss"] * seq_share
+    router_z = aux["router_z_loss"] * tok_share
+    dyn = aux["dynamic_loss"] * tok_share
+    aux_loss = (
+      cfg.router_aux_loss_coef * lb
+      + cfg.moe.router_z_loss_coef * router_z
+      + cfg.moe.dynamic_loss_coef * dyn
+    )
+    loss = loss + aux_loss
+    metrics.update(
+      aux_loss=aux_loss,
+      load_balance_loss=lb,
+      router_z_loss=router_z,
+      dynamic_loss=dyn,
+      dropped_fraction=aux["dropped_fraction"] * tok_share,
+      experts_per_token=aux["experts_per_token"] * tok_share,
+      tokens_per_expert=aux["tokens_per_expert"].astype(jnp.float32),
+    )
+  metrics["loss"] = loss
+  return loss, metrics

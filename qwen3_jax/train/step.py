@@ -1,0 +1,230 @@
+"""TrainState and the pure, jitted `train_step(state, batch) -> (state, metrics)`.
+
+The whole state (params and optimizer state) is a plain pytree; the model is rebuilt inside the
+step with `nnx.merge(graphdef, params)`. `jax.jit` gets explicit in/out shardings for the state
+(from the sharding rules) and the batch, and donates the old state, so the step compiles once
+and its outputs land exactly where its inputs were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen3_jax import sharding as shd
+from qwen3_jax.config import ModelConfig
+from qwen3_jax.model import Qwen3
+from qwen3_jax.train.config import TrainConfig
+from qwen3_jax.train.losses import BATCH_KEYS, batch_totals, fraction_from_counts, loss_terms
+from qwen3_jax.train.optimizer import make_optimizer, schedule
+
+
+@dataclasses.dataclass
+class TrainState:
+  """step: batches consumed; skipped: non-finite steps in total; bad_streak: in a row."""
+
+  step: jax.Array  # int32 []
+  params: Any  # nested dict of arrays (nnx.State.to_pure_dict() layout)
+  opt_state: Any
+  skipped: jax.Array  # int32 []
+  bad_streak: jax.Array  # int32 []
+
+
+jax.tree_util.register_dataclass(
+  TrainState,
+  data_fields=["step", "params", "opt_state", "skipped", "bad_streak"],
+  meta_fields=[],
+)
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything compiled for one run: shardings, init, train and eval steps."""
+
+  cfg: TrainConfig
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  state_shardings: TrainState
+  batch_sharding: NamedSharding
+  init: Any  # () -> TrainState (jitted, sharded)
+  train_step: Any  # (TrainState, batch) -> (TrainState, metrics) (jitted, donating)
+  eval_step: Any  # (params, batch) -> {"ce_sum", "n"} (jitted)
+  lr: Any  # step -> learning rate
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs with this mesh's shardings: the restore target."""
+    with shd.use_mesh(self.mesh):
+      shapes = jax.eval_shape(self.init.fn)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      shapes,
+      self.state_shardings,
+    )
+
+
+def forward(graphdef, params, mb: dict):
+  """Model outputs for a batch dict (inputs, segment_ids)."""
+  model = nnx.merge(graphdef, params)
+  return model(mb["inputs"], segment_ids=mb["segment_ids"])
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+  """[B, L] -> [n, B/n, L]; micro-batch j takes rows j, j+n, ... so each stays spread over
+  every data-parallel device."""
+
+  def one(x):
+    b = x.shape[0]
+    x = x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)
+    return shd.constrain(x, (None, "batch", None))
+
+  return jax.tree.map(one, batch)
+
+
+def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
+  """Builds the sharded init / train / eval functions of `cfg` on `mesh`."""
+  mcfg: ModelConfig = cfg.model
+  shd.validate(mcfg, mesh, cfg.batch_size // cfg.micro_batches)
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
+  lr_fn = schedule(cfg.optim, cfg.num_steps)
+
+  def make_params():
+    return nnx.state(Qwen3(mcfg, rngs=nnx.Rngs(cfg.seed)), nnx.Param).to_pure_dict()
+
+  abstract = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(cfg.seed)))
+  graphdef, abs_state = nnx.split(abstract)
+  param_sh = shd.state_shardings(abs_state, mesh).to_pure_dict()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abs_params = jax.eval_shape(make_params)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(
+    tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+  )
+  state_sh = TrainState(replicated, param_sh, opt_sh, replicated, replicated)
+  batch_sh = NamedSharding(mesh, shd.logical_to_spec(("batch", None)))
+
+  def init():
+    params = make_params()
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, tx.init(params), zero, zero)
+
+  n = cfg.micro_batches
+
+  def grads_and_metrics(params, batch):
+    totals = batch_totals(batch)
+    if n == 1:
+      fn = jax.value_and_grad(
+        lambda p: loss_terms(
+          *_out(forward(graphdef, p, batch)), batch, totals, mcfg, z_loss=cfg.z_loss
+        ),
+        has_aux=True,
+      )
+      (_, metrics), grads = fn(params)
+      return grads, metrics
+    mbs = _split_micro(batch, n)
+    f_global = None
+    if mcfg.is_moe and mcfg.moe.balance == "global":
+      # Forward-only pre-pass: expert counts of the whole global batch.
+      def count(c, mb):
+        return c + forward(graphdef, params, mb).aux["tokens_per_expert"], None
+
+      first = jax.eval_shape(lambda: forward(graphdef, params, jax.tree.map(lambda x: x[0], mbs)))
+      zeros = jnp.zeros(first.aux["tokens_per_expert"].shape, jnp.float32)
+      counts, _ = jax.lax.scan(count, zeros, mbs)
+      f_global = fraction_from_counts(counts)
+
+    def mb_loss(p, mb):
+      out = forward(graphdef, p, mb)
+      return loss_terms(out.logits, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global)
+
+    def body(carry, mb):
+      (_, m), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
+      return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zero_m = jax.eval_shape(lambda: mb_loss(params, jax.tree.map(lambda x: x[0], mbs))[1])
+    carry0 = jax.tree.map(
+      lambda a: jnp.zeros(a.shape, a.dtype), (jax.eval_shape(lambda: params), zero_m)
+    )
+    (grads, metrics), _ = jax.lax.scan(body, carry0, mbs)
+    return grads, metrics
+
+  def train_step(state: TrainState, batch: dict):
+    grads, metrics = grads_and_metrics(state.params, batch)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    bad = (~finite).astype(jnp.int32)
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      skipped=state.skipped + bad,
+      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+    )
+    metrics = dict(metrics)
+    metrics.update(
+      grad_norm=grad_norm,
+      lr=lr_fn(state.step - state.skipped),
+      finite=finite,
+      skipped=new_state.skipped,
+      bad_streak=new_state.bad_streak,
+      tokens=batch_totals(batch)["n_tok"],
+    )
+    if "tokens_per_expert" in metrics:
+      metrics["expert_load"] = fraction_from_counts(metrics.pop("tokens_per_expert"))
+    return new_state, metrics
+
+  def eval_step(params, batch):
+    out = forward(graphdef, params, batch)
+    w = batch["loss_mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+    return {"ce_sum": (ce * w).sum(), "n": w.sum()}
+
+  batch_tree = {k: batch_sh for k in BATCH_KEYS}
+  with shd.use_mesh(mesh):
+    init_j = jax.jit(init, out_shardings=state_sh)
+    step_j = jax.jit(
+      train_step,
+      in_shardings=(state_sh, batch_tree),
+      out_shardings=(state_sh, replicated),
+      donate_argnums=(0,),
+    )
+    eval_j = jax.jit(eval_step, in_shardings=(param_sh, batch_tree), out_shardings=replicated)
+  return Program(
+    cfg=cfg,
+    mesh=mesh,
+    graphdef=graphdef,
+    tx=tx,
+    state_shardings=state_sh,
+    batch_sharding=batch_sh,
+    init=_under_mesh(init_j, mesh),
+    train_step=_under_mesh(step_j, mesh),
+    eval_step=_under_mesh(eval_j, mesh),
+    lr=lr_fn,
+  )
+
+
+def _out(out):
+  return out.logits, out.aux
+
+
+class _under_mesh:
+  """Calls a jitted function with `jax.set_mesh(mesh)` active (the model reads the mesh)."""
+
+  def __init__(self, fn, mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args):
+    with shd.use_mesh(self.mesh):
+      return self.fn(*args)
+
+  def cache_size(self) -> int:
+    return self.fn._cache_size()

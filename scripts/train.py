@@ -1,0 +1,57 @@
+r"""Train a Qwen3-MoE model: pretraining or SFT, resuming from --workdir when it has checkpoints.
+
+  python scripts/train.py --config=configs/pretrain.py:model=tiny --workdir=/tmp/run \
+      [--num_cpu_devices=8] [--config.optim.lr=1e-3] [--config.mesh.expert=4]
+Multi-process: --coordinator=HOST:PORT --num_processes=N --process_id=I (or JAX's env vars).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, metrics).")
+flags.DEFINE_integer("num_cpu_devices", 0, "Simulate this many CPU devices (0 = real devices).")
+flags.DEFINE_string("coordinator", "", "Multi-process: coordinator address HOST:PORT.")
+flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  import jax
+
+  if f.num_cpu_devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", f.num_cpu_devices)
+  if f.coordinator or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    if jax.default_backend() == "cpu" or f.num_cpu_devices:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kw = dict(coordinator_address=f.coordinator, num_processes=f.num_processes)
+    jax.distributed.initialize(**kw, process_id=f.process_id) if f.coordinator else (
+      jax.distributed.initialize()
+    )
+
+  from configs.common import to_train_config
+  from qwen3_jax.checkpoint import load_params
+  from qwen3_jax.train.loop import greedy_generate, train
+
+  cfg = to_train_config(f.config)
+  summary = train(cfg, f.workdir)
+  if cfg.sample_tokens and jax.process_index() == 0 and jax.process_count() == 1:
+    tok = summary["tokenizer"]
+    model, _ = load_params(f.workdir)  # newest checkpoint, on one device
+    for prompt in ("def main(", "<|im_start|>user\nWhat is 12 + 7 * 3?<|im_end|>\n"):
+      ids = tok.encode(prompt, add_special_tokens=False).ids
+      out = greedy_generate(model, ids, cfg.sample_tokens)
+      print(f"sample: {prompt!r} -> {tok.decode(out, skip_special_tokens=False)!r}")
+
+
+if __name__ == "__main__":
+  app.run(main)
