@@ -1,7 +1,12 @@
-"""Grouped-query attention with QK-norm and RoPE (Qwen3).
+"""Grouped-query attention with QK-norm and RoPE (Qwen3): `full` causal or `sparse`.
 
-Full causal attention lives here; the sparse (sliding window + global tokens) kind plugs in
-through `Attention(kind=...)`.
+`Attention(cfg, kind="full" | "sparse")`. Sparse = causal sliding window of `window` real keys
+(the query itself included) + the `max_globals` most recent global tokens, computed blockwise;
+the exact visibility rule and the placement of global tokens are in `sparse_attention.py`.
+A full layer sees every earlier position of the interleaved (real + global) sequence.
+With a KV cache, a chunk attends to its own keys (blockwise / dense as above) and to the
+cached ones (dense over the cache's rings, see `kv_cache.py`); the two softmax partials are
+merged with their log-sum-exps, so cached decoding equals the full forward pass.
 """
 
 from __future__ import annotations
@@ -10,11 +15,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.config import ModelConfig
+from qwen3_jax.config import ATTENTION_KINDS, ModelConfig
+from qwen3_jax.model import kv_cache
 from qwen3_jax.model.layers import RMSNorm, param, rope
+from qwen3_jax.model.sparse_attention import (
+  INF_SPAN,
+  NEG_INF,
+  Layout,
+  chunk_meta,
+  dense_attention,
+  make_layout,
+  merge,
+  spans,
+  sparse_attention,
+)
 from qwen3_jax.sharding import constrain
-
-NEG_INF = -1e30  # Large finite negative: fully masked rows stay NaN-free.
 
 
 def full_attention(q, k, v, segment_ids=None):
@@ -58,20 +73,65 @@ class Attention(nnx.Module):
     self.o_proj = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), dt)
     self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, param_dtype=dt)
     self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, param_dtype=dt)
+    if kind not in ATTENTION_KINDS:
+      raise ValueError(f"attention kind {kind!r} is not one of {ATTENTION_KINDS}")
     self.kind = kind
     self.cfg = cfg
-    if kind != "full":
-      raise NotImplementedError(f"attention kind {kind!r} is not implemented yet")
 
-  def __call__(self, x, positions, segment_ids=None):
-    """x: [B, L, D], positions: [B, L] -> [B, L, D]."""
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    layout: Layout | None = None,
+    cache: dict | None = None,
+  ):
+    """Attention over one chunk: its real tokens, then its global tokens, along L.
+
+    Args:
+      x: [B, L + Ng, D] (real tokens then global tokens, see `layout`).
+      positions: [B, L + Ng] RoPE positions; segment_ids: [B, L + Ng] or None (one segment).
+      layout: where the chunk sits; None = L real tokens from slot 0, no global tokens.
+      cache: this layer's KV-cache dict (`kv_cache.py`) or None.
+
+    Returns:
+      (y [B, L + Ng, D], updated cache dict or None).
+    """
+    b, n, _ = x.shape
+    if layout is None:
+      layout = make_layout(n, 0, 0)
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, n), jnp.int32)
+    cfg, att, l = self.cfg, self.cfg.attention, layout.num_real
     c = lambda p: p[...].astype(x.dtype)  # noqa: E731
     q = self.q_norm(jnp.einsum("bld,dhk->blhk", x, c(self.q_proj)))
     k = self.k_norm(jnp.einsum("bld,dhk->blhk", x, c(self.k_proj)))
     v = jnp.einsum("bld,dhk->blhk", x, c(self.v_proj))
-    q = rope(q, positions, self.cfg.rope_theta) * (self.cfg.head_dim**-0.5)
-    k = rope(k, positions, self.cfg.rope_theta)
+    q = rope(q, positions, cfg.rope_theta) * (cfg.head_dim**-0.5)
+    k = rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "seq", "heads", None))
     k = constrain(k, ("batch", "seq", "kv_heads", None))
-    out = full_attention(q, k, v, segment_ids)
-    return jnp.einsum("blhk,hkd->bld", out, c(self.o_proj))
+    v = constrain(v, ("batch", "seq", "kv_heads", None))
+    seg = segment_ids
+    q_meta, k_meta = chunk_meta(layout, seg[:, :l], seg[:, l:])
+    if self.kind == "sparse":
+      w, m = spans(att.window, att.max_globals)
+      (out, lse), glob = sparse_attention(
+        q[:, :l], k[:, :l], v[:, :l], seg[:, :l], q[:, l:], k[:, l:], v[:, l:], seg[:, l:],
+        layout, att.window, att.max_globals, att.block_size,
+      )  # fmt: skip
+      if glob is not None:
+        out = jnp.concatenate([out, glob[0]], axis=1)
+        lse = jnp.concatenate([lse, glob[1]], axis=1)
+    else:
+      w = m = INF_SPAN
+      out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
+    if cache is not None:
+      ck, cv, c_meta = kv_cache.key_meta(cache, layout.start, layout.every)
+      out_c, lse_c = dense_attention(q, ck, cv, q_meta, c_meta, w, m)
+      out, _ = merge(out, lse, out_c, lse_c)
+      cache = kv_cache.write(
+        cache, k[:, :l], v[:, :l], seg[:, :l], k[:, l:], v[:, l:], seg[:, l:], layout
+      )
+    out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", None))
+    return jnp.einsum("blhk,hkd->bld", out, c(self.o_proj)), cache

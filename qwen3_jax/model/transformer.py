@@ -17,9 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.model import kv_cache
 from qwen3_jax.model.attention import Attention
+from qwen3_jax.model.kv_cache import KVCache
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param
 from qwen3_jax.model.moe import MoE
+from qwen3_jax.model.sparse_attention import Layout, make_layout
 from qwen3_jax.sharding import constrain
 
 # Scalars averaged over MoE layers, in `ModelOutput.aux`.
@@ -36,13 +39,17 @@ AUX_PER_EXPERT = ("expert_fraction", "expert_prob", "tokens_per_expert")
 
 @dataclasses.dataclass
 class ModelOutput:
-  """logits [B, L, V]; aux: scalar losses/stats and [num_moe_layers, E] router statistics."""
+  """logits [B, L, V]; aux: scalar losses/stats and [num_moe_layers, E] router statistics;
+  cache: the updated `KVCache` when one was passed in, else None."""
 
   logits: jax.Array
   aux: dict[str, jax.Array]
+  cache: KVCache | None = None
 
 
-jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "aux"], meta_fields=[])
+jax.tree_util.register_dataclass(
+  ModelOutput, data_fields=["logits", "aux", "cache"], meta_fields=[]
+)
 
 
 def layer_kinds(cfg: ModelConfig) -> list[tuple[str, bool]]:
@@ -76,15 +83,16 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids):
-    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
-    x = constrain(x, ("batch", "seq", None))
+  def __call__(self, x, positions, segment_ids, layout=None, cache=None):
+    """-> (x, MoE aux or None, updated attention cache or None)."""
+    a, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, layout, cache)
+    x = constrain(x + a, ("batch", "seq", None))
     h = self.post_attention_layernorm(x)
     if self.is_moe:
       h, aux = self.mlp(h, segment_ids)
     else:
       h, aux = self.mlp(h), None
-    return constrain(x + h, ("batch", "seq", None)), aux
+    return constrain(x + h, ("batch", "seq", None)), aux, cache
 
 
 class Unit(nnx.Module):
@@ -95,13 +103,15 @@ class Unit(nnx.Module):
       setattr(self, f"sub_{j}", DecoderLayer(cfg, j, rngs=rngs))
     self.period = period
 
-  def __call__(self, x, positions, segment_ids):
-    auxes = []
+  def __call__(self, x, positions, segment_ids, layout=None, caches=None):
+    auxes, new_caches = [], []
     for j in range(self.period):
-      x, aux = getattr(self, f"sub_{j}")(x, positions, segment_ids)
+      cache = None if caches is None else caches[j]
+      x, aux, cache = getattr(self, f"sub_{j}")(x, positions, segment_ids, layout, cache)
+      new_caches.append(cache)
       if aux is not None:
         auxes.append(aux)
-    return x, auxes
+    return x, (auxes, None if caches is None else tuple(new_caches))
 
 
 _REMAT = {
@@ -130,6 +140,8 @@ class Qwen3(nnx.Module):
       self.lm_head = param(
         rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
       )
+    if kv_cache.global_every(cfg):  # Learnable global token (sparse attention), [1, D].
+      self.global_embedding = param(rngs, (1, cfg.hidden_size), (None, "embed"), cfg.param_dtype)
 
   def __call__(
     self,
@@ -139,43 +151,71 @@ class Qwen3(nnx.Module):
     segment_ids: jax.Array | None = None,
     cache: Any = None,
   ) -> ModelOutput:
-    """tokens [B, L] int -> ModelOutput(logits [B, L, V] float32, aux).
+    """tokens [B, L] int -> ModelOutput(logits [B, L, V] float32, aux, cache).
 
     positions default to 0..L-1 (restarting at each new segment when `segment_ids` are
-    given); segment_ids: [B, L] ints, tokens attend only within their segment, 0 = padding.
+    given; cache.length + 0..L-1 with a cache); segment_ids: [B, L] ints, tokens attend only
+    within their segment, 0 = padding.
+    cache: a `KVCache` from `init_cache`: the chunk's tokens occupy slots cache.length ..
+    cache.length + L - 1, attend to everything cached before them, and the returned
+    `ModelOutput.cache` holds them too (prefill: the prompt from an empty cache; decode: one
+    token per call). With sparse attention a chunk of L > 1 tokens must start at a multiple
+    of `global_every` (e.g. a prefill from 0); 1-token steps may start anywhere.
+    When some layer is sparse (and global_every = g > 0) a learnable global token is inserted
+    before real slots 0, g, 2g, ... (with that slot's position and segment) and its output
+    dropped: it takes part in every layer, full layers see it as an ordinary earlier position.
     """
-    if cache is not None:
-      raise NotImplementedError("KV-cache decoding is not implemented yet")
     cfg = self.cfg
     tokens = constrain(tokens, ("batch", "seq"))
+    b, l = tokens.shape
+    start = 0 if cache is None else cache.length
     if positions is None:
-      positions = default_positions(tokens, segment_ids)
+      positions = default_positions(tokens, segment_ids if cache is None else None) + start
+    seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    layout = make_layout(l, start, kv_cache.global_every(cfg))
     x = self.embed_tokens(tokens)
-    x, auxes = self._run_layers(x, positions, segment_ids)
-    x = self.norm(x)
+    if layout.num_globals:
+      off = jnp.clip(layout.global_offsets, 0, l - 1)  # [Ng] the real token after each global
+      xg = jnp.broadcast_to(
+        self.global_embedding[...].astype(x.dtype), (b, layout.num_globals, x.shape[-1])
+      )
+      x = jnp.concatenate([x, xg], axis=1)  # [B, L + Ng, D]
+      positions = jnp.concatenate([positions, positions[:, off]], axis=1)
+      seg = jnp.concatenate([seg, jnp.where(layout.global_valid, seg[:, off], 0)], axis=1)
+    x, (auxes, layers) = self._run_layers(
+      x, positions, seg, layout, None if cache is None else cache.layers
+    )
+    if cache is not None:
+      cache = KVCache(length=cache.length + l, layers=layers)
+    x = self.norm(x[:, :l])
     if cfg.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
     else:
       logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(x.dtype))
     logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
-    return ModelOutput(logits=logits, aux=self._collect_aux(auxes))
+    return ModelOutput(logits=logits, aux=self._collect_aux(auxes), cache=cache)
 
-  def _run_layers(self, x, positions, segment_ids):
+  def _run_layers(self, x, positions, segment_ids, layout: Layout, caches=None):
+    """-> (x, (auxes, caches)); per-sub-layer caches travel through the scan as xs/ys."""
     graphdef, state = nnx.split(self.layers)
 
-    def body(x, unit_state):
+    def body(x, xs):
+      unit_state, unit_caches = xs
       unit = nnx.merge(graphdef, unit_state)
-      return unit(x, positions, segment_ids)
+      return unit(x, positions, segment_ids, layout, unit_caches)
 
     if self.cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat], prevent_cse=False)
-    if self.cfg.scan_layers:
-      return jax.lax.scan(body, x, state)  # auxes: list (per sub-layer) of [R, ...] dicts
+    if self.cfg.scan_layers:  # auxes: list (per sub-layer) of [R, ...] dicts
+      return jax.lax.scan(body, x, (state, caches))
     outs = []
     for r in range(self.repeats):
-      x, aux = body(x, jax.tree.map(lambda a, r=r: a[r], state))
-      outs.append(aux)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs[0] else []
+      x, out = body(x, jax.tree.map(lambda a, r=r: a[r], (state, caches)))
+      outs.append(out)
+    auxes = [o[0] for o in outs]
+    auxes = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else []
+    new = None if caches is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[1] for o in outs])
+    return x, (auxes, new)
 
   def _collect_aux(self, auxes) -> dict[str, jax.Array]:
     cfg = self.cfg
@@ -195,6 +235,26 @@ class Qwen3(nnx.Module):
       + cfg.moe.dynamic_loss_coef * out["dynamic_loss"]
     )
     return out
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty KV cache for `batch` rows and at most `max_len` real tokens per row.
+
+  Full layers keep all `max_len` keys, sparse layers a ring of their window (and of their
+  `max_globals` global tokens); writing more than `max_len` tokens overwrites full layers'
+  oldest keys, so size it for prompt + generation. dtype defaults to the compute dtype.
+  """
+  if batch < 1 or max_len < 1:
+    raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+  period = layer_period(cfg)
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  layers = tuple(
+    kv_cache.init_layer_cache(
+      cfg, cfg.attention.kind_of_layer(j), batch, max_len, cfg.num_hidden_layers // period, dtype
+    )
+    for j in range(period)
+  )
+  return KVCache(length=jnp.zeros((), jnp.int32), layers=layers)
 
 
 def default_positions(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
