@@ -381,9 +381,15 @@ def _build(ckpt: _Checkpoint, rules: list[_Rule], shape, dtype, stacked: bool) -
 
 
 def _place(array: np.ndarray, sharding_: NamedSharding | None) -> jax.Array:
+  """Copies `array` onto its shards one device at a time (one shard's copy alive at once)."""
+  # Transfers are asynchronous and hold their host buffer: wait, so buffers do not pile up.
   if sharding_ is None:
-    return jax.device_put(array)
-  return jax.make_array_from_callback(array.shape, sharding_, lambda idx: array[idx])
+    return jax.device_put(array).block_until_ready()
+  shards = [
+    jax.device_put(np.ascontiguousarray(array[idx]), device).block_until_ready()
+    for device, idx in sharding_.addressable_devices_indices_map(array.shape).items()
+  ]
+  return jax.make_array_from_single_device_arrays(array.shape, sharding_, shards)
 
 
 def from_pretrained(
