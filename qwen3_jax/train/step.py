@@ -56,6 +56,7 @@ class Program:
   init: Any  # () -> TrainState (jitted, sharded)
   train_step: Any  # (TrainState, batch) -> (TrainState, metrics) (jitted, donating)
   eval_step: Any  # (params, batch) -> {"ce_sum", "n"} (jitted)
+  grads: Any  # (params, batch) -> (grads, metrics), summed over micro-batches (jitted)
   lr: Any  # step -> learning rate
 
   def abstract_state(self) -> TrainState:
@@ -156,7 +157,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
 
   def train_step(state: TrainState, batch: dict):
     grads, metrics = grads_and_metrics(state.params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -198,6 +199,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
       donate_argnums=(0,),
     )
     eval_j = jax.jit(eval_step, in_shardings=(param_sh, batch_tree), out_shardings=replicated)
+    grads_j = jax.jit(grads_and_metrics, in_shardings=(param_sh, batch_tree))
   return Program(
     cfg=cfg,
     mesh=mesh,
@@ -209,6 +211,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     train_step=_under_mesh(step_j, mesh),
     eval_step=_under_mesh(eval_j, mesh),
     lr=lr_fn,
+    grads=_under_mesh(grads_j, mesh),
   )
 
 
