@@ -232,8 +232,19 @@ def test_logits_and_aux_loss_match_transformers(case, on_mesh, hf_cases, tokens,
     np.testing.assert_allclose(hf_aux, k * ours, rtol=1e-5)
 
 
+class _RecordInput(nnx.Module):
+  """Wraps an MoE layer (eagerly) and records its input [B, L, D]."""
+
+  def __init__(self, moe, record: list):
+    self.moe, self.record = moe, record
+
+  def __call__(self, h, *args):
+    self.record.append(h)
+    return self.moe(h, *args)
+
+
 def our_router_logits(model, cfg: ModelConfig, tokens) -> list[np.ndarray]:
-  """Router logits [T, E] of each MoE layer, replaying the stack layer by layer."""
+  """Router logits [T, E] of each MoE layer, replaying the layer stack eagerly."""
   tokens = jnp.asarray(tokens)
   positions = default_positions(tokens, None)
   x = model.embed_tokens(tokens)
@@ -243,11 +254,13 @@ def our_router_logits(model, cfg: ModelConfig, tokens) -> list[np.ndarray]:
   for i in range(cfg.num_hidden_layers):
     unit = nnx.merge(graphdef, jax.tree.map(lambda a, r=i // period: a[r], state))
     layer = getattr(unit, f"sub_{i % period}")
+    record = []
     if layer.is_moe:
-      h = x + layer.self_attn(layer.input_layernorm(x), positions)
-      h = layer.post_attention_layernorm(h).reshape(-1, cfg.hidden_size)
-      out.append(np.asarray(h @ layer.mlp.gate[...]))
-    x, _ = layer(x, positions, None)
+      gate = layer.mlp.gate[...]
+      layer.mlp = _RecordInput(layer.mlp, record)
+    x = layer(x, positions, None)[0]
+    if record:
+      out.append(np.asarray(record[0].reshape(-1, cfg.hidden_size) @ gate))
   return out
 
 
