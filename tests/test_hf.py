@@ -508,3 +508,32 @@ def test_load_streams_one_tensor_at_a_time(tmp_path, mesh):
   assert total >= 3 * largest  # three stacked expert tensors, plus attention and embeddings
   assert peak < 2 * largest, (peak, largest, total)
   assert sum(v.nbytes for v in params_np(loaded).values()) == total
+
+
+# ----------------------------------------------------------------------------- convert script
+
+
+def test_convert_hf_script_round_trip(hf_cases, tmp_path):
+  """HF -> orbax (save_params) -> HF with scripts/convert_hf.py: same tensors, same extras."""
+  import subprocess
+  import sys
+
+  path = str(tmp_path / "hf")
+  shutil.copytree(hf_cases("moe_sparse_step")[0], path)
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": 7}, f)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(root, "scripts", "convert_hf.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+  for args in (
+    [f"--hf_dir={path}", f"--out={ckpt}"],
+    ["--to_hf", f"--ckpt={ckpt}", f"--out={back}"],
+  ):
+    subprocess.run([sys.executable, script, *args], check=True, env=env, capture_output=True)
+  assert os.path.isdir(os.path.join(ckpt, "params"))
+  assert_same_params(hf.from_pretrained(path)[0], hf.from_pretrained(back)[0])
+  with open(os.path.join(back, "generation_config.json")) as f:
+    assert json.load(f) == {"eos_token_id": 7}
+  original, written = hf.read_config(path), hf.read_config(back)
+  assert written["max_position_embeddings"] == original["max_position_embeddings"]
