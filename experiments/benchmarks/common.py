@@ -61,3 +61,49 @@ def _fmt(v) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
   return str(v)
+
+
+def time_interleaved(
+  fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1, slow_s: float = 20.0
+) -> dict[str, list[float]]:
+  """Wall-clock seconds of each zero-argument fn, timed round-robin (one call of each per round).
+
+  Interleaving spreads the load of a shared machine evenly over the candidates, so ratios
+  between them stay meaningful when absolute times are noisy. A fn whose warm-up call took
+  longer than `slow_s` is not repeated: that call is its only sample. Each fn must block until its
+  result is ready. Returns {name: [seconds per call]}.
+  """
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  slow = set()
+  for name, fn in fns.items():
+    for _ in range(warmup):
+      t0 = time.perf_counter()
+      fn()
+      dt = time.perf_counter() - t0
+      if dt > slow_s:  # Too slow to repeat: its (already compiled) warm-up call is the sample.
+        slow.add(name)
+        times[name].append(dt)
+        break
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      if name in slow:
+        continue
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  """Measured float32 n^3 GEMM throughput of XLA on the default device, in FLOP/s (best run)."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), np.float32)
+  b = jax.random.normal(kb, (n, n), np.float32)
+  mm = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(mm(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a, b))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n**3 / best

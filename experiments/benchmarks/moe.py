@@ -1,0 +1,162 @@
+"""MoE layer benchmark: forward+backward time and XLA-counted FLOPs per dispatch strategy.
+
+python scripts/benchmark.py --suite=moe
+
+One CPU device, T=4096 tokens, D=512, float32, for (E=16, k=2, F=512) and (E=64, k=8,
+F=128). `seconds` is the fastest of `--repeats` interleaved calls (the machine is shared:
+the minimum is the least load-distorted estimate). The timed function is the gradient of
+sum(y * r) (r a fixed random cotangent) with respect to the input and all four MoE weights,
+i.e. one forward and one backward pass.
+
+Targets (issue 2): `auto`'s FLOPs within 1.3x of the ideal k/E fraction of the `dense`
+strategy's FLOPs, and `auto` at least 4x faster than `dense` at E=64, k=8.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.benchmarks.common import compiled_cost, report, time_interleaved
+from qwen3_jax import config as C
+from qwen3_jax.model.moe import MoE, resolve_strategy
+
+CASES = {  # name: (E, k, F)
+  "E16k2": (16, 2, 512),
+  "E64k8": (64, 8, 128),
+}
+STRATEGIES = ("dense", "capacity", "dropless", "auto")
+FLOPS_TARGET = 1.3  # auto FLOPs / (k/E * dense FLOPs)
+SPEEDUP_TARGET = 4.0  # dense seconds / auto seconds at E64k8
+
+
+def moe_config(e: int, k: int, f: int, d: int, strategy: str) -> C.ModelConfig:
+  return C.small(
+    hidden_size=d,
+    num_experts=e,
+    num_experts_per_tok=k,
+    moe_intermediate_size=f,
+    moe=C.MoEConfig(strategy=strategy),
+  )
+
+
+def fwd_bwd(cfg: C.ModelConfig, tokens: int, seed: int = 0):
+  """(jittable fn, args): grads of sum(MoE(x) * r) w.r.t. (MoE params, x), plus aux stats."""
+  layer = MoE(cfg, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(layer)
+  kx, kr = jax.random.split(jax.random.key(seed + 1))
+  x = jax.random.normal(kx, (1, tokens, cfg.hidden_size), jnp.float32)  # [B=1, T, D]
+  r = jax.random.normal(kr, x.shape, jnp.float32)
+
+  def loss(params, x, r):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * r), aux
+
+  def step(params, x, r):
+    (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, r)
+    return grads, aux["dropped_fraction"]
+
+  return step, (params, x, r)
+
+
+def _call(fn, args, last, name):
+  last[name] = jax.block_until_ready(fn(*args))
+
+
+def run(flags) -> list[dict]:
+  tokens, d = (512, 128) if flags.quick else (4096, 512)
+  repeats = flags.repeats
+  backend = jax.default_backend()
+  rows = []
+  for case, (e, k, f) in CASES.items():
+    if flags.quick:
+      f = f // 4
+    compiled = {}
+    for strategy in STRATEGIES:
+      step, args = fwd_bwd(moe_config(e, k, f, d, strategy), tokens)
+      fn, flops, _ = compiled_cost(step, *args)
+      compiled[strategy] = (fn, args, flops)
+    # All strategies of a case timed round-robin, so machine load hits them alike.
+    last = {}
+    times = time_interleaved(
+      {s: functools.partial(_call, fn, args, last, s) for s, (fn, args, _) in compiled.items()},
+      repeats=repeats,
+    )
+    for strategy, (_, _, flops) in compiled.items():
+      seconds = float(np.min(times[strategy]))
+      dropped = float(last[strategy][1])
+      rows.append(
+        dict(
+          suite="moe",
+          case=case,
+          strategy=strategy,
+          resolved=resolve_strategy(strategy, backend),
+          seconds=seconds,
+          flops=flops,
+          gflops_per_s=flops / seconds / 1e9,
+          tokens_per_s=tokens / seconds,
+          num_experts=e,
+          top_k=k,
+          expert_hidden=f,
+          hidden=d,
+          tokens=tokens,
+          dropped_fraction=dropped,
+          samples=len(times[strategy]),
+        )
+      )
+  report(
+    rows,
+    [
+      "case",
+      "strategy",
+      "resolved",
+      "seconds",
+      "flops",
+      "gflops_per_s",
+      "tokens_per_s",
+      "dropped_fraction",
+    ],
+  )
+  check_targets(rows)
+  return rows
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+  """Prints (and returns as JSON lines) whether the issue's two MoE targets pass."""
+  by = {(r["case"], r["strategy"]): r for r in rows}
+  checks = []
+  for case, (e, k, _) in CASES.items():
+    dense, auto = by[(case, "dense")], by[(case, "auto")]
+    ideal = dense["flops"] * k / e
+    ratio = auto["flops"] / ideal
+    checks.append(
+      dict(
+        suite="moe_target",
+        case=case,
+        target=f"auto flops <= {FLOPS_TARGET}x ideal k/E * dense",
+        value=ratio,
+        passed=bool(ratio <= FLOPS_TARGET),
+      )
+    )
+    speedup = dense["seconds"] / auto["seconds"]
+    checks.append(
+      dict(
+        suite="moe_target",
+        case=case,
+        target=f"auto >= {SPEEDUP_TARGET}x faster than dense"
+        + ("" if case == "E64k8" else " (info)"),
+        value=speedup,
+        passed=bool(speedup >= SPEEDUP_TARGET) if case == "E64k8" else None,
+      )
+    )
+  for c in checks:
+    verdict = {True: "PASS", False: "FAIL", None: "info"}[c["passed"]]
+    print(f"target {c['case']}: {c['target']}: {c['value']:.3f} -> {verdict}")
+  for c in checks:
+    print(json.dumps(c, sort_keys=True))
+  return checks
