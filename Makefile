@@ -14,8 +14,17 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Main job: pretrain the tiny MoE on the embedded corpus, 8 simulated CPU devices (2 data x
+# 4 expert), ~3-5 min on 2 cores; checkpoints + TensorBoard in RUN_DIR; greedy samples at the end.
+RUN_DIR ?= runs/pretrain_tiny_$(shell date +%Y%m%d_%H%M%S)
+RUN_STEPS ?= 600
+
 run: $(STAMP)
-	$(PY) scripts/demo.py
+	@echo "workdir: $(RUN_DIR)  (tensorboard --logdir $(RUN_DIR)/tb)"
+	$(PY) scripts/train.py --config=configs/pretrain.py:model=tiny,steps=$(RUN_STEPS) \
+	  --workdir=$(RUN_DIR) --num_cpu_devices=8 --config.mesh.data=2 --config.mesh.expert=4 \
+	  --config.log_every=50 --config.eval_every=100 --config.checkpoint_every=100
+	@echo "workdir: $(RUN_DIR)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check qwen3_jax configs scripts experiments tests

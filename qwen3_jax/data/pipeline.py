@@ -170,8 +170,9 @@ class Batches:
 
   def __iter__(self):
     while True:
-      yield self[self.step]
-      self.step += 1
+      batch = self[self.step]
+      self.step += 1  # the state counts batches handed out
+      yield batch
 
   def get_state(self) -> dict:
     return {"step": self.step, "seed": self.seed, "num_rows": self.num_rows}
