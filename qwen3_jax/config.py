@@ -16,6 +16,7 @@ STRATEGIES = ("auto", "dense", "capacity", "dropless")
 ROUTINGS = ("topk", "topp")
 BALANCES = ("global", "sequence")
 REMATS = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("full", "sparse")
 
 
@@ -47,6 +48,9 @@ class MoEConfig:
       raise ValueError(f"moe.max_experts must be >= 1, got {self.max_experts}")
     if self.capacity_factor <= 0:
       raise ValueError(f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+    for name in ("dynamic_loss_coef", "router_z_loss_coef"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +113,12 @@ class ModelConfig:
 
   def __post_init__(self):
     _check_choice("remat", self.remat, REMATS)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
     for name in (
       "vocab_size",
       "hidden_size",
+      "intermediate_size",
       "num_hidden_layers",
       "num_attention_heads",
       "num_key_value_heads",
@@ -119,6 +126,14 @@ class ModelConfig:
     ):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("rope_theta", "rms_norm_eps"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if self.num_experts < 0 or self.router_aux_loss_coef < 0:
+      raise ValueError(
+        f"num_experts={self.num_experts} and router_aux_loss_coef={self.router_aux_loss_coef} "
+        "must be >= 0"
+      )
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
         f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -132,6 +147,8 @@ class ModelConfig:
         )
       if self.decoder_sparse_step < 1:
         raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+      if self.moe_intermediate_size < 1:
+        raise ValueError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
     bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
     if bad:
       raise ValueError(f"mlp_only_layers {bad} outside [0, {self.num_hidden_layers})")
