@@ -55,11 +55,19 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Attention kind per layer. `sparse` = causal sliding window + global tokens."""
+  """Attention kind per layer. `sparse` = causal sliding window + global tokens.
+
+  Exact rules in qwen3_jax/model/sparse_attention.py. Global tokens exist only when some layer
+  is sparse; full layers then see them as ordinary earlier positions.
+  """
 
   kind: str = "full"  # Default kind for every layer when `pattern` is empty.
-  window: int = 512  # sparse: each query sees the last `window` keys, itself included.
-  global_every: int = 64  # sparse: one learnable global token every this many positions; 0 = none.
+  # sparse: each query sees the last `window` real tokens, itself included (real slot t sees
+  # slots t-window+1..t; globals are not counted in the window).
+  window: int = 512
+  # A learnable global token is inserted before real slots 0, g, 2g, ... (g = global_every);
+  # it takes that slot's position and segment and sees only earlier tokens. 0 = none.
+  global_every: int = 64
   max_globals: int = 64  # sparse: a query sees at most this many most recent globals; 0 = all.
   block_size: int = 128  # sparse: query/key block length of the blockwise computation.
   pattern: tuple[
@@ -74,6 +82,8 @@ class AttentionConfig:
       raise ValueError(f"attention.window must be >= 1, got {self.window}")
     if self.global_every < 0 or self.max_globals < 0:
       raise ValueError("attention.global_every and attention.max_globals must be >= 0")
+    if self.block_size < 1:
+      raise ValueError(f"attention.block_size must be >= 1, got {self.block_size}")
 
   def kind_of_layer(self, layer: int) -> str:
     return self.pattern[layer % len(self.pattern)] if self.pattern else self.kind

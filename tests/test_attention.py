@@ -211,3 +211,14 @@ def test_sharded_8_devices_matches_one_device():
   sharded = run(mesh)
   assert len(sharded.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(run(None)), np.asarray(sharded), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_attention_config_raises():
+  with pytest.raises(ValueError, match="attention.kind"):
+    C.AttentionConfig(kind="local")
+  with pytest.raises(ValueError, match="block_size"):
+    C.AttentionConfig(block_size=0)
+  with pytest.raises(ValueError, match="window"):
+    C.AttentionConfig(window=0)
+  with pytest.raises(ValueError, match="attention kind"):
+    Attention(C.tiny(), kind="local", rngs=nnx.Rngs(0))
