@@ -1,11 +1,11 @@
 """Import and export of Hugging Face Qwen3 / Qwen3-MoE checkpoints (safetensors only).
 
 Loading streams one checkpoint tensor at a time: for every parameter of the abstract model
-(`nnx.eval_shape`, no memory), the matching Hugging Face tensors are read lazily with
-`safetensors.safe_open`, converted to our layout in numpy (transpose, reshape, stack over the
-scanned `layers` axis into one preallocated buffer) and placed straight onto their shards with
-`jax.make_array_from_callback`. Host memory peaks near one stacked parameter (plus one layer's
-source tensors), never the whole model.
+(`nnx.eval_shape`, no memory), the matching Hugging Face tensors of one layer are read lazily
+with `safetensors.safe_open`, converted to our layout in numpy (transpose, reshape) and each
+device's slice is copied to that device; the scanned `layers` axis is stacked on the devices.
+Host memory therefore holds about one layer of one parameter at a time (stacked parameters
+under `STREAM_BYTES` are assembled on the host first), never the whole model.
 
 Layouts (ours <- Hugging Face `[out, in]` linear weights):
   q_proj [D, H, Dh] <- [H*Dh, D];  k_proj, v_proj [D, K, Dh] <- [K*Dh, D]
@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -47,6 +48,8 @@ INDEX = "model.safetensors.index.json"
 # Buffers some old writers saved; they are recomputed from the config, never weights.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Stacked parameters larger than this stream to the devices one layer at a time.
+STREAM_BYTES = 64 << 20
 
 # ----------------------------------------------------------------------------- config
 
@@ -369,27 +372,47 @@ def _short(names: list[str], n: int = 8) -> str:
   return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def _build(ckpt: _Checkpoint, rules: list[_Rule], shape, dtype, stacked: bool) -> np.ndarray:
-  """Our full array for one parameter, filled one layer at a time."""
-  if not stacked:
-    rule = rules[0]
-    return np.asarray(rule.to_ours([ckpt.read(s) for s in rule.srcs]), dtype)
-  out = np.empty(shape, dtype)  # [R, ...]: the one stacked buffer
+def _to_device(array: np.ndarray, device) -> jax.Array:
+  # may_alias=False: on CPU a device buffer could otherwise alias (and keep alive) the staging
+  # array. Transfers are asynchronous and hold their host buffer: wait, so none pile up.
+  x = np.ascontiguousarray(array)
+  return jax.device_put(x, device, may_alias=False).block_until_ready()
+
+
+def _layer_array(ckpt: _Checkpoint, rule: _Rule, shape, dtype, what: str) -> np.ndarray:
+  array = np.asarray(rule.to_ours([ckpt.read(s) for s in rule.srcs]), dtype)
+  if array.shape != tuple(shape):
+    raise RuntimeError(f"{what}: built {array.shape}, the model expects {tuple(shape)}")
+  return array
+
+
+def _load_param(ckpt: _Checkpoint, rules: list[_Rule], var, named, stacked: bool) -> jax.Array:
+  """One parameter, straight onto its shards.
+
+  A stacked parameter [R, ...] above `STREAM_BYTES` is sent layer by layer: each device
+  receives its slice of every layer and stacks them itself, so the host holds one layer of
+  it at a time. Smaller ones are assembled on the host first (fewer, larger transfers).
+  """
+  shape, dtype = tuple(var.shape), var.dtype
+  index_map = named.addressable_devices_indices_map(shape)  # device -> slices of the full shape
+  if not stacked or np.prod(shape) * np.dtype(dtype).itemsize <= STREAM_BYTES:
+    if stacked:
+      array = np.empty(shape, dtype)
+      for r, rule in enumerate(rules):
+        array[r] = _layer_array(ckpt, rule, shape[1:], dtype, f"layer {r}")
+    else:
+      array = _layer_array(ckpt, rules[0], shape, dtype, "tensor")
+    shards = [_to_device(array[idx], d) for d, idx in index_map.items()]
+    return jax.make_array_from_single_device_arrays(shape, named, shards)
+  pieces: dict[Any, list[jax.Array]] = {d: [] for d in index_map}
   for r, rule in enumerate(rules):
-    out[r] = rule.to_ours([ckpt.read(s) for s in rule.srcs])
-  return out
-
-
-def _place(array: np.ndarray, sharding_: NamedSharding | None) -> jax.Array:
-  """Copies `array` onto its shards one device at a time (one shard's copy alive at once)."""
-  # Transfers are asynchronous and hold their host buffer: wait, so buffers do not pile up.
-  if sharding_ is None:
-    return jax.device_put(array).block_until_ready()
-  shards = [
-    jax.device_put(np.ascontiguousarray(array[idx]), device).block_until_ready()
-    for device, idx in sharding_.addressable_devices_indices_map(array.shape).items()
-  ]
-  return jax.make_array_from_single_device_arrays(array.shape, sharding_, shards)
+    layer = _layer_array(ckpt, rule, shape[1:], dtype, f"layer {r}")
+    for d, idx in index_map.items():
+      if r in range(*idx[0].indices(shape[0])):  # the layers axis is never split, but be exact
+        pieces[d].append(_to_device(layer[idx[1:]], d))
+    del layer
+  shards = [jnp.stack(pieces.pop(d)) for d in index_map]  # runs on device d
+  return jax.make_array_from_single_device_arrays(shape, named, shards)
 
 
 def from_pretrained(
@@ -425,16 +448,18 @@ def from_pretrained(
   graphdef, state = nnx.split(abstract)
   flat = []
   for key, var in nnx.to_flat_state(state):
+    name = "/".join(map(str, key))
     if key not in plan:
-      raise RuntimeError(f"No Hugging Face mapping for parameter {'/'.join(map(str, key))}")
-    array = _build(ckpt, plan[key], var.shape, var.dtype, stacked=key[0] == "layers")
-    if array.shape != var.shape:
-      raise RuntimeError(f"{'/'.join(key)}: built {array.shape}, model expects {var.shape}")
-    named = None
-    if mesh is not None:
+      raise RuntimeError(f"No Hugging Face mapping for parameter {name}")
+    if mesh is None:
+      named = SingleDeviceSharding(jax.devices()[0])
+    else:
       named = NamedSharding(mesh, sharding.logical_to_spec(sharding.variable_axes(var)))
-    flat.append((key, var.replace(_place(array, named))))
-    del array
+    try:
+      value = _load_param(ckpt, plan[key], var, named, stacked=key[0] == "layers")
+    except RuntimeError as e:
+      raise RuntimeError(f"{name}: {e}") from e
+    flat.append((key, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 
@@ -493,6 +518,10 @@ def save_pretrained(
     size += array.nbytes
     total += array.nbytes
   flush()
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in tmp_names:  # safetensors writes 0600 files; make them like any other output
+    os.chmod(os.path.join(path, name), 0o666 & ~umask)
   for old in (SAFETENSORS, INDEX):
     if os.path.exists(os.path.join(path, old)):
       os.remove(os.path.join(path, old))

@@ -477,8 +477,12 @@ def test_both_config_spellings():
 # ----------------------------------------------------------------------------- memory
 
 
-def test_load_streams_one_tensor_at_a_time(tmp_path, mesh):
-  """Host allocations while loading stay near the largest stacked parameter."""
+def test_load_streams_one_tensor_at_a_time(tmp_path, mesh, monkeypatch):
+  """Host allocations while loading stay near one layer of one parameter.
+
+  Stacked parameters above `hf.STREAM_BYTES` go to the devices layer by layer; below it they
+  are assembled on the host, so the peak is then about the largest stacked parameter.
+  """
   cfg = ModelConfig(
     vocab_size=512,
     hidden_size=128,
@@ -493,21 +497,29 @@ def test_load_streams_one_tensor_at_a_time(tmp_path, mesh):
   )
   model = Qwen3(cfg, rngs=nnx.Rngs(0))
   sizes = [v.nbytes for v in params_np(model).values()]
-  total, largest = sum(sizes), max(sizes)
+  total, largest = sum(sizes), max(sizes)  # largest: [8, 16, 128, 128] float32 = 8 MiB
+  layer = largest // cfg.num_hidden_layers
   path = str(tmp_path / "mem")
   hf.save_pretrained(model, cfg, path)
-  del model
-  tracemalloc.start()
-  loaded, _ = hf.from_pretrained(path, mesh=mesh)
-  _, peak = tracemalloc.get_traced_memory()
-  tracemalloc.stop()
+  peaks = {}
+  for mode, limit in (("assembled", 64 << 20), ("streamed", layer)):
+    monkeypatch.setattr(hf, "STREAM_BYTES", limit)
+    tracemalloc.start()
+    loaded, _ = hf.from_pretrained(path, mesh=mesh)
+    peaks[mode] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert_same_params(model, loaded)
   print(
-    f"\nhost peak while loading: {peak / 2**20:.1f} MiB; largest parameter "
-    f"{largest / 2**20:.1f} MiB; model {total / 2**20:.1f} MiB"
+    f"\nhost peak while loading ({total / 2**20:.1f} MiB model, largest stacked parameter "
+    f"{largest / 2**20:.1f} MiB, one layer of it {layer / 2**20:.1f} MiB): "
+    + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items())
   )
-  assert total >= 3 * largest  # three stacked expert tensors, plus attention and embeddings
-  assert peak < 2 * largest, (peak, largest, total)
-  assert sum(v.nbytes for v in params_np(loaded).values()) == total
+  # Three stacked expert tensors make up most of the model; the host never holds it all. On
+  # CPU, jax keeps a few recent transfer sources alive per device, so "streamed" measures a
+  # few layers' worth per device rather than exactly one layer at this small scale.
+  assert total >= 3 * largest
+  assert peaks["assembled"] < 2 * largest, peaks
+  assert peaks["streamed"] < 2 * largest, peaks
 
 
 # ----------------------------------------------------------------------------- convert script
