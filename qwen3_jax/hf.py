@@ -3,7 +3,7 @@
 Loading streams one checkpoint tensor at a time: for every parameter of the abstract model
 (`nnx.eval_shape`, no memory), the matching Hugging Face tensors of one layer are read lazily
 with `safetensors.safe_open`, converted to our layout in numpy (transpose, reshape) and each
-device's slice is copied to that device; the scanned `layers` axis is stacked on the devices.
+device's slice is copied to that device; the scanned `layers` axis is filled in on the devices.
 Host memory therefore holds about one layer of one parameter at a time (stacked parameters
 under `STREAM_BYTES` are assembled on the host first), never the whole model.
 
@@ -25,6 +25,7 @@ Layer i of the model is `layers.sub_{i % period}` at index `i // period` (see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -389,9 +390,9 @@ def _layer_array(ckpt: _Checkpoint, rule: _Rule, shape, dtype, what: str) -> np.
 def _load_param(ckpt: _Checkpoint, rules: list[_Rule], var, named, stacked: bool) -> jax.Array:
   """One parameter, straight onto its shards.
 
-  A stacked parameter [R, ...] above `STREAM_BYTES` is sent layer by layer: each device
-  receives its slice of every layer and stacks them itself, so the host holds one layer of
-  it at a time. Smaller ones are assembled on the host first (fewer, larger transfers).
+  A stacked parameter [R, ...] above `STREAM_BYTES` is sent layer by layer: each layer goes to
+  its shards and is written in place into the (donated) device stack, so the host holds one
+  layer of it at a time. Smaller ones are assembled on the host first (fewer transfers).
   """
   shape, dtype = tuple(var.shape), var.dtype
   index_map = named.addressable_devices_indices_map(shape)  # device -> slices of the full shape
@@ -404,15 +405,33 @@ def _load_param(ckpt: _Checkpoint, rules: list[_Rule], var, named, stacked: bool
       array = _layer_array(ckpt, rules[0], shape, dtype, "tensor")
     shards = [_to_device(array[idx], d) for d, idx in index_map.items()]
     return jax.make_array_from_single_device_arrays(shape, named, shards)
-  pieces: dict[Any, list[jax.Array]] = {d: [] for d in index_map}
+  if isinstance(named, NamedSharding):
+    if len(named.spec) and named.spec[0] is not None:
+      raise RuntimeError(f"the stacked layers axis is split ({named.spec}); cannot stream it")
+    layer_sharding = NamedSharding(named.mesh, PartitionSpec(*named.spec[1:]))
+  else:
+    layer_sharding = named
+  layer_map = layer_sharding.addressable_devices_indices_map(shape[1:])
+  stack = jnp.zeros(shape, dtype, device=named)
   for r, rule in enumerate(rules):
     layer = _layer_array(ckpt, rule, shape[1:], dtype, f"layer {r}")
-    for d, idx in index_map.items():
-      if r in range(*idx[0].indices(shape[0])):  # the layers axis is never split, but be exact
-        pieces[d].append(_to_device(layer[idx[1:]], d))
+    shards = [_to_device(layer[idx], d) for d, idx in layer_map.items()]
     del layer
-  shards = [jnp.stack(pieces.pop(d)) for d in index_map]  # runs on device d
-  return jax.make_array_from_single_device_arrays(shape, named, shards)
+    piece = jax.make_array_from_single_device_arrays(shape[1:], layer_sharding, shards)
+    del shards
+    stack = _set_layer(named)(stack, piece, r)  # in place (donated) on the devices
+    del piece
+  return stack.block_until_ready()
+
+
+@functools.cache
+def _set_layer(named):
+  """stack[r] = layer, updating the donated stack in place; one compile per shape/sharding."""
+
+  def set_layer(stack, layer, r):
+    return jax.lax.dynamic_update_index_in_dim(stack, layer, r, axis=0)
+
+  return jax.jit(set_layer, donate_argnums=0, out_shardings=named)
 
 
 def from_pretrained(

@@ -514,12 +514,11 @@ def test_load_streams_one_tensor_at_a_time(tmp_path, mesh, monkeypatch):
     f"{largest / 2**20:.1f} MiB, one layer of it {layer / 2**20:.1f} MiB): "
     + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items())
   )
-  # Three stacked expert tensors make up most of the model; the host never holds it all. On
-  # CPU, jax keeps a few recent transfer sources alive per device, so "streamed" measures a
-  # few layers' worth per device rather than exactly one layer at this small scale.
+  # On CPU a device buffer may alias its (traced) numpy source, so the assembled peak counts
+  # the stack plus its device copies; streamed holds a few layers' worth, never the stack.
   assert total >= 3 * largest
-  assert peaks["assembled"] < 2 * largest, peaks
-  assert peaks["streamed"] < 2 * largest, peaks
+  assert peaks["assembled"] < 3 * largest, peaks
+  assert peaks["streamed"] < 0.75 * largest, peaks
 
 
 # ----------------------------------------------------------------------------- convert script
