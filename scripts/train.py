@@ -2,7 +2,7 @@ r"""Train a Qwen3-MoE model: pretraining or SFT, resuming from --workdir when it
 
   python scripts/train.py --config=configs/pretrain.py:model=tiny --workdir=/tmp/run \
       [--num_cpu_devices=8] [--config.optim.lr=1e-3] [--config.mesh.expert=4]
-Multi-process: --coordinator=HOST:PORT --num_processes=N --process_id=I (or JAX's env vars).
+Multi-process: --coordinator=HOST:PORT --num_processes=N --process_id=I (or a cluster JAX detects).
 """
 
 import os
@@ -33,10 +33,10 @@ def main(argv):
   if f.coordinator or "JAX_COORDINATOR_ADDRESS" in os.environ:
     if jax.default_backend() == "cpu" or f.num_cpu_devices:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kw = dict(coordinator_address=f.coordinator, num_processes=f.num_processes)
-    jax.distributed.initialize(**kw, process_id=f.process_id) if f.coordinator else (
+    if f.coordinator:
+      jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+    else:  # JAX_COORDINATOR_ADDRESS; process count / id auto-detected (SLURM, TPU, k8s, ...)
       jax.distributed.initialize()
-    )
 
   from configs.common import to_train_config
   from qwen3_jax.checkpoint import load_params

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -78,11 +79,11 @@ def test_resume_after_sigkill_is_exact(reference):
   wd = os.path.join(d, "killed")
   script = textwrap.dedent(f"""
     import os, signal, sys
-    sys.path.insert(0, {ROOT!r})
+    sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_default_matmul_precision", "highest")
-    from tests.test_checkpoint import make_cfg
+    from test_checkpoint import make_cfg
     from qwen3_jax.train import loop
     def hook(step, ctx):
       if step == {N + 1}:  # one step past the checkpoint, then die without cleanup
@@ -94,7 +95,17 @@ def test_resume_after_sigkill_is_exact(reference):
   r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
   assert r.returncode == -9, r.stderr[-2000:]
   assert ckpt.step_dirs(os.path.join(wd, "checkpoints")) == [N]
+
+  # Resume; SIGTERM (preemption) at step N+1 saves that step and stops cleanly.
+  def term(step, ctx):
+    if step == N + 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  stopped = loop.train(cfg, wd, on_step=term)
+  assert stopped["preempted"] and stopped["steps"] == N + 1
+  assert ckpt.step_dirs(os.path.join(wd, "checkpoints")) == [N + 1, N]
   resumed = loop.train(cfg, wd)
+  assert resumed["steps"] == 2 * N and not resumed["preempted"]
   ref_losses, got = losses(os.path.join(d, "ref")), losses(wd)
   assert sorted(ref_losses) == list(range(1, 2 * N + 1))
   for s in range(1, 2 * N + 1):  # steps N+1.. were logged twice (before the kill, after resume)
@@ -175,3 +186,15 @@ def test_params_only_roundtrip(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, as_np(nnx.state(m2, nnx.Param).to_pure_dict()), ref)
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     ckpt.load_params(str(tmp_path))
+
+
+def test_init_from_loads_params_only(reference, tmp_path):
+  cfg, d, ref = reference
+  _, data, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
+  prog = make_program(cfg, _mesh8())
+  ck = ckpt.Checkpointer(str(tmp_path / "new"), save_every=0)
+  state, step = loop.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))
+  assert step == 0 and int(state.step) == 0  # a fresh optimizer, the previous run's weights
+  jax.tree.map(np.testing.assert_array_equal, as_np(state.params), as_np(ref["state"].params))
+  fresh = as_np(prog.init().opt_state)
+  jax.tree.map(np.testing.assert_array_equal, as_np(state.opt_state), fresh)

@@ -13,6 +13,7 @@ from flax import nnx
 from configs import common, pretrain
 from qwen3_jax import config as C
 from qwen3_jax import sharding as shd
+from qwen3_jax.train import loop
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 from qwen3_jax.train.optimizer import decay_mask, schedule
 from qwen3_jax.train.step import make_program
@@ -78,29 +79,32 @@ def test_compiles_once_and_overfits():
   for _ in range(cfg.num_steps):
     state, m = prog.train_step(state, batch)
     losses.append(float(m["ce"]))
-  assert prog.train_step.cache_size() == 1  # no retrace / recompile after step 1
   assert int(state.step) == 80 and int(state.skipped) == 0
   assert losses[0] > 5.0 and losses[-1] < 0.2, (losses[0], losses[-1])
   # The state keeps the rule shardings (so step 2 saw the same input shardings as step 1).
   gp = state.params["layers"]["sub_0"]["mlp"]["gate_proj"]
   assert gp.sharding.spec == shd.logical_to_spec(("layers", "experts", "embed", "expert_mlp"))
 
-
-def test_non_finite_step_is_skipped():
-  mesh = shd.make_mesh(C.MeshConfig(), jax.devices()[:1])
-  cfg = TrainConfig(num_steps=10, batch_size=2, seq_len=8, model=_model())
-  prog = make_program(cfg, mesh)
-  state = prog.init()
-  params = jax.tree.map(lambda x: x, state.params)
-  params["norm"]["weight"] = params["norm"]["weight"].at[0].set(jnp.nan)
-  state = dataclasses.replace(state, params=params)
-  before = jax.tree.map(np.asarray, state.params)
-  opt_before = jax.tree.map(np.asarray, state.opt_state)
-  batch = jax.device_put(_batch(2, 8), prog.batch_sharding)
+  # A non-finite step is skipped: no parameter or optimizer update, counted.
+  params = dict(state.params)
+  params["norm"] = {"weight": state.params["norm"]["weight"].at[0].set(jnp.nan)}
+  state = dataclasses.replace(state, params=jax.device_put(params, prog.state_shardings.params))
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
   state, m = prog.train_step(state, batch)
   assert not bool(m["finite"]) and int(m["skipped"]) == 1 and int(m["bad_streak"]) == 1
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.opt_state), opt_before)
+  assert int(state.step) == 81
+  after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  assert prog.train_step.cache_size() == 1  # 81 steps, one compilation
+
+
+def test_non_finite_streak_stops_with_clear_message():
+  loop.check_bad_streak(2, 3, 10, "/ckpts")  # below the limit: goes on
+  with pytest.raises(
+    loop.NonFiniteError,
+    match="3 non-finite steps in a row at step 11.*last good checkpoint in /ckpts is intact",
+  ):
+    loop.check_bad_streak(3, 3, 11, "/ckpts")
 
 
 def test_decay_mask_and_schedule():

@@ -89,8 +89,10 @@ def to_global(local: dict, prog: Program) -> dict:
 # ----------------------------------------------------------------------------- state
 
 
-def initial_state(prog: Program, ck: ckpt.Checkpointer, data: pipeline.Batches, printer):
-  """Newest readable checkpoint, else init (+ params from cfg.init_from). Returns (state, step)."""
+def initial_state(
+  prog: Program, ck: ckpt.Checkpointer, data: pipeline.Batches, printer, init_from: str = ""
+):
+  """Newest readable checkpoint, else init (+ params from `init_from`). Returns (state, step)."""
   target = prog.abstract_state()
   opt_target = {"opt": target.opt_state, "step": target.step, "skipped": target.skipped}
   restored = ck.restore_latest(
@@ -106,15 +108,15 @@ def initial_state(prog: Program, ck: ckpt.Checkpointer, data: pipeline.Batches, 
     printer(f"resumed from {ck.root}/{step}")
     return state, step
   state = prog.init()
-  if prog.cfg.init_from:
-    model, mcfg = ckpt.load_params(prog.cfg.init_from, prog.mesh)
+  if init_from:
+    model, _ = ckpt.load_params(init_from, prog.mesh)
     params = nnx.state(model, nnx.Param).to_pure_dict()
     shapes = jax.tree.map(lambda a: a.shape, params)
     want = jax.tree.map(lambda a: a.shape, state.params)
     if shapes != want:
-      raise ValueError(f"init_from={prog.cfg.init_from}: parameter shapes differ from the model")
+      raise ValueError(f"init_from={init_from}: parameter shapes differ from the model")
     state = dataclasses.replace(state, params=params)
-    printer(f"initialised parameters from {prog.cfg.init_from}")
+    printer(f"initialised parameters from {init_from}")
   return state, 0
 
 
@@ -127,9 +129,20 @@ def save(ck, state: TrainState, step: int, data, cfg: TrainConfig, force=False) 
 # ----------------------------------------------------------------------------- loop
 
 
-def evaluate(prog: Program, params, evals: pipeline.Batches) -> float:
+def check_bad_streak(bad_streak: int, max_bad_steps: int, step: int, ckpt_root: str) -> None:
+  """Stops the run after `max_bad_steps` non-finite steps in a row (each one was skipped)."""
+  if bad_streak >= max_bad_steps:
+    raise NonFiniteError(
+      f"{bad_streak} non-finite steps in a row at step {step} (loss or gradients are NaN/inf); "
+      f"they were skipped, so parameters are those of the last finite step, and the last good "
+      f"checkpoint in {ckpt_root} is intact. Lower optim.lr or check the data."
+    )
+
+
+def evaluate(prog: Program, params, evals: pipeline.Batches, num_batches: int) -> float:
+  """Mean cross-entropy over the first `num_batches` held-out batches (same every time)."""
   tot = n = 0.0
-  for i in range(min(prog.cfg.eval_batches, evals.num_rows // prog.cfg.batch_size)):
+  for i in range(min(num_batches, evals.num_rows // prog.cfg.batch_size)):
     out = jax.device_get(prog.eval_step(params, to_global(evals[i], prog)))
     tot, n = tot + float(out["ce_sum"]), n + float(out["n"])
   return tot / max(n, 1.0)
@@ -162,7 +175,7 @@ def train(
     keep=cfg.keep_checkpoints,
     async_save=cfg.async_checkpoint,
   )
-  state, start = initial_state(prog, ck, data, printer)
+  state, start = initial_state(prog, ck, data, printer, cfg.init_from)
   writer = MetricsWriter(workdir, cfg.num_steps, printer)
   preempted = []
   old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -176,12 +189,7 @@ def train(
       state, m = prog.train_step(state, batch)
       step += 1
       steps_since += 1
-      if int(m["bad_streak"]) >= cfg.max_bad_steps:
-        raise NonFiniteError(
-          f"{cfg.max_bad_steps} non-finite steps in a row at step {step} (loss or gradients "
-          f"are NaN/inf); parameters were not updated and the last good checkpoint in "
-          f"{ck.root} is intact. Lower optim.lr or check the data."
-        )
+      check_bad_streak(int(m["bad_streak"]), cfg.max_bad_steps, step, ck.root)
       if step % cfg.log_every == 0 or step == cfg.num_steps or step == start + 1:
         m = jax.device_get(m)
         now = time.time()
@@ -197,7 +205,7 @@ def train(
         extra = f"  skipped {int(m['skipped'])}" if int(m["skipped"]) else ""
         writer.progress(step, last, tps, extra)
       if evals is not None and cfg.eval_every and step % cfg.eval_every == 0:
-        ev = evaluate(prog, state.params, evals)
+        ev = evaluate(prog, state.params, evals, cfg.eval_batches)
         writer.write(step, {"ce": ev}, prefix="eval")
         printer(f"step {step:>6}  eval ce {ev:.4f}")
       save(ck, state, step, data, cfg)
@@ -223,7 +231,7 @@ def train(
     "tokens": tokens_seen,
   }
   if evals is not None:
-    summary["final_eval_ce"] = evaluate(prog, state.params, evals)
+    summary["final_eval_ce"] = evaluate(prog, state.params, evals, cfg.eval_batches)
   printer("summary: " + json.dumps(summary))
   summary["state"] = state
   summary["tokenizer"] = tok

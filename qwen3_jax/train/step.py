@@ -9,6 +9,7 @@ and its outputs land exactly where its inputs were.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3_jax import sharding as shd
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.data.pipeline import DataConfig
 from qwen3_jax.model import Qwen3
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.losses import BATCH_KEYS, batch_totals, fraction_from_counts, loss_terms
@@ -88,8 +90,33 @@ def _split_micro(batch: dict, n: int) -> dict:
   return jax.tree.map(one, batch)
 
 
+# TrainConfig fields that do not change any compiled function (left out of the cache key).
+_LOOP_ONLY = dict(
+  data=DataConfig(),
+  eval_every=0,
+  eval_batches=0,
+  checkpoint_every=0,
+  keep_checkpoints=0,
+  init_from="",
+  log_every=1,
+  max_bad_steps=1,
+  async_checkpoint=True,
+  sample_tokens=0,
+)
+
+
 def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
-  """Builds the sharded init / train / eval functions of `cfg` on `mesh`."""
+  """Builds the sharded init / train / eval functions of `cfg` on `mesh`.
+
+  Cached: a second run in the same process with the same model / optimizer / batch shape /
+  mesh (e.g. a resume, or an experiment sweep over data) reuses the compiled functions.
+  `Program.cfg` keeps only the fields that matter to them.
+  """
+  return _make_program(dataclasses.replace(cfg, **_LOOP_ONLY), mesh)
+
+
+@functools.lru_cache(maxsize=4)
+def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
   mcfg: ModelConfig = cfg.model
   shd.validate(mcfg, mesh, cfg.batch_size // cfg.micro_batches)
   tx = make_optimizer(cfg.optim, cfg.num_steps)
