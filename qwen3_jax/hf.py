@@ -75,8 +75,9 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     raise ValueError(
       f"config.json: unsupported model_type={model_type!r}; supported: {sorted(ARCHITECTURES)}"
     )
-  if hf.get("rope_scaling"):
-    raise ValueError(f"config.json: rope_scaling={hf['rope_scaling']!r} is not supported")
+  scaling = hf.get("rope_scaling") or {}
+  if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
+    raise ValueError(f"config.json: rope_scaling={scaling!r} is not supported")
   rope_params = hf.get("rope_parameters") or {}
   rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
   if rope_type != "default":
@@ -486,17 +487,21 @@ def from_pretrained(
 
 
 def _hf_tensors(model: Qwen3, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-  """(name, array) of every Hugging Face tensor, one parameter fetched at a time."""
+  """(name, array) of every Hugging Face tensor; stacked parameters come a layer at a time."""
   plan = _plan(cfg)
   for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if key not in plan:
       raise ValueError(f"Parameter {'/'.join(map(str, key))} has no Hugging Face name")
-    value = np.asarray(jax.device_get(var.get_value()))
-    rules = plan[key]
-    parts = [value] if key[0] != "layers" else list(value)
-    for rule, part in zip(rules, parts, strict=True):
+    value, rules = var.get_value(), plan[key]
+    if not getattr(value, "is_fully_addressable", True):  # multi-process: not supported yet
+      raise ValueError(f"{'/'.join(key)}: save_pretrained needs fully addressable arrays")
+    if key[0] == "layers" and len(rules) != value.shape[0]:
+      raise ValueError(f"{'/'.join(key)}: {value.shape[0]} stacked layers, expected {len(rules)}")
+    for r, rule in enumerate(rules):
+      part = np.asarray(jax.device_get(value[r] if key[0] == "layers" else value))
       for src, array in zip(rule.srcs, rule.to_hf(part), strict=True):
         yield src.name, np.ascontiguousarray(array)
+      del part
 
 
 def save_pretrained(
