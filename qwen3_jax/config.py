@@ -361,6 +361,8 @@ def param_count(cfg: ModelConfig) -> tuple[int, int]:
       total += dense_mlp
       active += dense_mlp
   emb = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+  if cfg.attention.uses_sparse and cfg.attention.global_every:
+    emb += d  # the learnable global token of sparse attention
   return total + emb, active + emb
 
 

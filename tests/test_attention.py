@@ -222,3 +222,10 @@ def test_bad_attention_config_raises():
     C.AttentionConfig(window=0)
   with pytest.raises(ValueError, match="attention kind"):
     Attention(C.tiny(), kind="local", rngs=nnx.Rngs(0))
+
+
+def test_param_count_includes_the_global_token():
+  cfg = _tiny(("sparse", "full"))
+  state = nnx.state(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+  assert C.param_count(cfg)[0] == n == C.param_count(_tiny(("full",)))[0] + cfg.hidden_size
