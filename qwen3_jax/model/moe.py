@@ -113,10 +113,19 @@ def router_stats(
 # ----------------------------------------------------------------------------- experts
 
 
+# Experts at most this wide run gate and up as one [E, D, 2F] matmul: for narrow experts the
+# wider matmul is faster than two (XLA:CPU, E64 F128 C640 fwd+bwd: 1.24 s vs 1.49 s under the
+# same load) while the weight concatenation costs little; at F=512 it gains nothing.
+FUSE_GATE_UP_MAX_F = 256
+
+
 def swiglu_experts(x, wg, wu, wd):
   """Batched expert SwiGLU. x: [E, C, D]; wg, wu: [E, D, F]; wd: [E, F, D] -> [E, C, D]."""
-  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, wg)) * jnp.einsum("ecd,edf->ecf", x, wu)
-  return jnp.einsum("ecf,efd->ecd", h, wd)
+  if wg.shape[-1] <= FUSE_GATE_UP_MAX_F:
+    g, u = jnp.split(jnp.einsum("ecd,edf->ecf", x, jnp.concatenate([wg, wu], axis=-1)), 2, -1)
+  else:
+    g, u = jnp.einsum("ecd,edf->ecf", x, wg), jnp.einsum("ecd,edf->ecf", x, wu)
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, wd)
 
 
 def dense_dispatch(x, ids, weights, active, w, expert_offset=0):
