@@ -23,6 +23,8 @@ D, F, E, K = 64, 32, 8, 2  # the tiny preset's MoE shapes
 B, L = 4, 8  # T = 32 tokens
 T = B * L
 NO_DROP_CF = float(E)  # C = min(T, ceil(cf * T * k / E)) = T: nothing can overflow
+# These programs run in milliseconds: LLVM optimisation is most of their compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def moe_cfg(strategy="dense", **moe_kw):
@@ -63,13 +65,13 @@ def _apply(cfg, w, x, segment_ids):
   return layer(x, segment_ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def moe_forward(cfg, w, x, segment_ids):
   """(y [B, L, D], aux) of an MoE layer with weights `w`."""
   return _apply(cfg, w, x, segment_ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def moe_grad(cfg, w, x, segment_ids, cotangent):
   """y, aux and the gradients of sum(y * cotangent) w.r.t. (weights, x)."""
 
