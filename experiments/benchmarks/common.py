@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -107,3 +108,9 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     jax.block_until_ready(mm(a, b))
     best = min(best, time.perf_counter() - t0)
   return 2.0 * n**3 / best
+
+
+def print_load(when: str) -> None:
+  """Prints the machine's 1/5/15-minute load averages (the machine may be shared)."""
+  load = os.getloadavg()
+  print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")

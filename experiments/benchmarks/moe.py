@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.benchmarks.common import compiled_cost, report, time_interleaved
+from experiments.benchmarks.common import compiled_cost, print_load, report, time_interleaved
 from qwen3_jax import config as C
 from qwen3_jax.model.moe import MoE, resolve_strategy
 
@@ -70,6 +70,7 @@ def _call(fn, args, last, name):
 
 def run(flags) -> list[dict]:
   tokens, d = (512, 128) if flags.quick else (4096, 512)
+  print_load("at start")
   repeats = flags.repeats
   backend = jax.default_backend()
   rows = []
@@ -109,6 +110,7 @@ def run(flags) -> list[dict]:
           samples=len(times[strategy]),
         )
       )
+  print_load("at end")
   report(
     rows,
     [
