@@ -287,3 +287,9 @@ class Checkpointer:
   def close(self) -> None:
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -120,7 +120,8 @@ def next_loss8(reference):
   wd = os.path.join(d, "ref")
   _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog8 = make_program(cfg, _mesh8())
-  s8, step = loop.initial_state(prog8, ckpt.Checkpointer(wd, save_every=0), data, print)
+  with ckpt.Checkpointer(wd, save_every=0) as ck:
+    s8, step = loop.initial_state(prog8, ck, data, print)
   return float(prog8.train_step(s8, loop.to_global(data[step], prog8))[1]["loss"])
 
 
@@ -131,7 +132,8 @@ def test_restore_onto_other_mesh(reference, next_loss8, ndev, mesh):
   cfg = dataclasses.replace(cfg, mesh=mesh)
   _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, shd.make_mesh(mesh, jax.devices()[:ndev]))
-  state, step = loop.initial_state(prog, ckpt.Checkpointer(wd, save_every=0), data, print)
+  with ckpt.Checkpointer(wd, save_every=0) as ck:
+    state, step = loop.initial_state(prog, ck, data, print)
   assert step == 2 * N and data.step == 2 * N
   jax.tree.map(np.testing.assert_array_equal, as_np(state.params), as_np(ref["state"].params))
   leaf = state.params["layers"]["sub_0"]["mlp"]["gate_proj"]
@@ -161,7 +163,8 @@ def test_corrupt_checkpoint_skipped(reference, caplog):
   assert mcfg == cfg.model
   _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
-  state, step = loop.initial_state(prog, ckpt.Checkpointer(wd, save_every=0), data, print)
+  with ckpt.Checkpointer(wd, save_every=0) as ck:
+    state, step = loop.initial_state(prog, ck, data, print)
   assert step == N and data.step == N
   assert os.path.isdir(tmp)  # not deleted
   moved = os.listdir(os.path.join(wd, "checkpoints_corrupt"))
@@ -192,8 +195,8 @@ def test_init_from_loads_params_only(reference, tmp_path):
   cfg, d, ref = reference
   _, data, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
-  ck = ckpt.Checkpointer(str(tmp_path / "new"), save_every=0)
-  state, step = loop.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))
+  with ckpt.Checkpointer(str(tmp_path / "new"), save_every=0) as ck:
+    state, step = loop.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))
   assert step == 0 and int(state.step) == 0  # a fresh optimizer, the previous run's weights
   jax.tree.map(np.testing.assert_array_equal, as_np(state.params), as_np(ref["state"].params))
   fresh = as_np(prog.init().opt_state)

@@ -1,6 +1,5 @@
 """Two processes x 4 CPU devices (jax.distributed, gloo, localhost) train like 1 x 8 devices."""
 
-import dataclasses
 import os
 import socket
 import subprocess
@@ -16,9 +15,9 @@ from qwen3_jax.train import loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from test_checkpoint import losses, make_cfg, write_corpus  # noqa: E402
+from test_checkpoint import N, losses, make_cfg, write_corpus  # noqa: E402
 
-STEPS = 3
+STEPS = 2 * N  # the same config as test_checkpoint's reference: its compiled step is reused
 
 
 def _free_port() -> int:
@@ -39,10 +38,9 @@ def test_two_processes_match_single_process(tmp_path):
     jax.config.update("jax_default_matmul_precision", "highest")
     jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    import dataclasses
     from test_checkpoint import make_cfg
     from qwen3_jax.train import loop
-    cfg = dataclasses.replace(make_cfg({corpus!r}), num_steps={STEPS}, checkpoint_every=2)
+    cfg = make_cfg({corpus!r})
     loop.train(cfg, {wd!r})
   """)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -61,9 +59,9 @@ def test_two_processes_match_single_process(tmp_path):
   outs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
-  assert ckpt.step_dirs(os.path.join(wd, "checkpoints")) == [STEPS, 2]
+  assert ckpt.step_dirs(os.path.join(wd, "checkpoints")) == [STEPS, N]
 
-  cfg = dataclasses.replace(make_cfg(corpus), num_steps=STEPS, checkpoint_every=2)
+  cfg = make_cfg(corpus)
   ref = loop.train(cfg, str(tmp_path / "single"))
   got, want = losses(wd), losses(str(tmp_path / "single"))
   assert sorted(got) == list(range(1, STEPS + 1))

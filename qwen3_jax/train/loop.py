@@ -45,9 +45,11 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
   dcfg = cfg.data
   docs = pipeline.read_documents(dcfg, cfg.seed)
   saved = os.path.join(workdir, "tokenizer.json")
+  exists = os.path.exists(saved)
+  ckpt._sync("tokenizer_check")  # every process looked before process 0 may write it
   if dcfg.tokenizer:
     tok = load_tokenizer(dcfg.tokenizer)
-  elif os.path.exists(saved):
+  elif exists:
     tok = load_tokenizer(saved)
   else:
     if jax.process_index() == 0:
