@@ -67,3 +67,32 @@ def test_global_token_changes_logits_and_bad_cache_args_raise():
   assert np.all(np.abs(np.asarray(base - other)).max(-1) > 0)  # global 0 precedes slot 0
   with pytest.raises(ValueError, match="max_len"):
     init_cache(cfg, 1, 0)
+
+
+def test_sharded_decode_matches_one_device():
+  """Mixed pattern on a (data=2, fsdp=2, tensor=2) mesh: prefill 4, decode 3 (a global at 4)."""
+  from qwen3_jax import sharding
+
+  cfg = _cfg(("sparse", "full")).replace(num_experts=0)
+  toks = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 7)))
+
+  def run(mesh):
+    model = sharding.create_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, toks, cache):
+      out = nnx.merge(graphdef, state)(toks, cache=cache)
+      return out.logits, out.cache
+
+    with sharding.use_mesh(mesh):
+      cache, got = init_cache(cfg, 4, 8), []
+      for a, b in [(0, 4), (4, 5), (5, 6), (6, 7)]:
+        logits, cache = step(state, toks[:, a:b], cache)
+        got.append(logits)
+    return np.concatenate(got, 1), cache
+
+  want, _ = run(None)
+  got, cache = run(sharding.make_mesh(C.MeshConfig(data=2, fsdp=2, tensor=2)))
+  assert len(cache.layers[0]["k"].sharding.device_set) == 8
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)

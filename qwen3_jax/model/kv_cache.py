@@ -21,6 +21,9 @@ import jax.numpy as jnp
 
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.sparse_attention import Layout
+from qwen3_jax.sharding import constrain
+
+KV_AXES = ("batch", None, "kv_heads", None)  # [B, S, K, Dh]: rows over data, heads over tensor
 
 
 @dataclasses.dataclass
@@ -117,4 +120,7 @@ def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
     out["gk"] = layer["gk"].at[:, gidx].set(kg.astype(layer["gk"].dtype), mode="drop")
     out["gv"] = layer["gv"].at[:, gidx].set(vg.astype(layer["gv"].dtype), mode="drop")
     out["gseg"] = layer["gseg"].at[:, gidx].set(gseg.astype(jnp.int32), mode="drop")
+  for name in ("k", "v", "gk", "gv"):
+    if name in out:
+      out[name] = constrain(out[name], KV_AXES)
   return out
