@@ -393,6 +393,31 @@ def test_scan_and_remat_variants_are_identical(outputs, variant):
     assert_close(gv[name], g1[name], rel=1e-5, what=name)
 
 
+@pytest.mark.parametrize(
+  "kw, scans, checkpoints",
+  [(dict(), 1, 0), (dict(remat="full"), 1, 1), (dict(scan_layers=False, remat="dots"), 0, 2)],
+)
+def test_scan_and_remat_flags_reach_the_program(inputs, kw, scans, checkpoints):
+  """The variants above are only meaningful if the flags change the traced program."""
+  model = nnx.eval_shape(lambda: Qwen3(model_cfg(**kw), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, inputs[0])
+
+  def primitives(jaxpr):  # every primitive, nested jaxprs (scan and checkpoint bodies) included
+    for eqn in jaxpr.eqns:
+      yield eqn.primitive.name
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+          sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+          if hasattr(sub, "eqns"):
+            yield from primitives(sub)
+
+  names = list(primitives(jaxpr.jaxpr))
+  assert names.count("scan") == scans and names.count("remat2") == checkpoints, (
+    names
+  )  # remat2: jax.checkpoint
+
+
 def test_dense_model_has_no_moe_aux():
   cfg = C.tiny(num_experts=0)
   model = Qwen3(cfg, rngs=nnx.Rngs(0))

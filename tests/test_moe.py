@@ -377,6 +377,13 @@ def test_topp_hand_computed():
     assert int(ids[2, 0]) == 1
     np.testing.assert_allclose(weights[0], w0, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+  # Exactly at the threshold (uniform probabilities 1/4, exact in float32): experts are added
+  # until the cumulative probability REACHES p, so p = 0.5 takes 2 experts, not 3.
+  uniform = jnp.zeros((1, 4), jnp.float32)
+  for p, n in ((0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)):
+    _, weights, active, _ = moe_lib.route(uniform, _topp_cfg(p, max_experts=4, num_experts=4))
+    assert int(np.asarray(active).sum()) == n, p
+    np.testing.assert_allclose(weights[0, :n], 1.0 / n, rtol=1e-6)
   # Without renormalisation the weights are the raw probabilities of the active experts.
   _, weights, _, _ = moe_lib.route(logits, _topp_cfg(0.6, 3, norm=False, num_experts=4))
   np.testing.assert_allclose(weights, [[0.5, 0.3, 0], [0.5, 0.3, 0], [0.7, 0, 0]], rtol=1e-6)
