@@ -47,9 +47,9 @@ def main(argv):
   if cfg.sample_tokens and jax.process_index() == 0 and jax.process_count() == 1:
     tok = summary["tokenizer"]
     model, _ = load_params(f.workdir)  # newest checkpoint, on one device
-    for prompt in ("def main(", "<|im_start|>user\nWhat is 12 + 7 * 3?<|im_end|>\n"):
-      ids = tok.encode(prompt, add_special_tokens=False).ids
-      out = greedy_generate(model, ids, cfg.sample_tokens)
+    prompts = ("def main(", "<|im_start|>user\nWhat is 12 + 7 * 3?<|im_end|>\n")
+    ids = [tok.encode(p, add_special_tokens=False).ids for p in prompts]
+    for prompt, out in zip(prompts, greedy_generate(model, ids, cfg.sample_tokens), strict=True):
       print(f"sample: {prompt!r} -> {tok.decode(out, skip_special_tokens=False)!r}")
 
 

@@ -156,3 +156,17 @@ def test_batch_not_divisible_by_mesh_fails_fast(mesh8):
   cfg = TrainConfig(num_steps=1, batch_size=12, seq_len=8, model=_model())
   with pytest.raises(ValueError, match="batch size 12 is not divisible"):
     make_program(cfg, mesh8)
+
+
+def test_greedy_generate_matches_step_by_step_argmax():
+  from qwen3_jax.model import Qwen3
+
+  model = Qwen3(C.tiny(moe=C.MoEConfig(strategy="dense")), rngs=nnx.Rngs(5))
+  prompts = [[1, 2, 3, 4, 5], [7, 8]]
+  got = loop.greedy_generate(model, prompts, 3)
+  for prompt, out in zip(prompts, got, strict=True):
+    # Reference: one causal forward of the unpadded prompt + continuation (no segment ids);
+    # every generated token must be the argmax at the position before it.
+    seq = jnp.asarray([prompt + out[:-1]])
+    argmax = np.asarray(jnp.argmax(model(seq).logits[0], -1))
+    assert out == argmax[len(prompt) - 1 :].tolist()

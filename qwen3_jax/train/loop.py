@@ -183,6 +183,7 @@ def train(
   old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   tokens_seen, t_log, steps_since = 0.0, time.time(), 0
   first_loss = last = None
+  window = []  # metrics of the steps since the last log line
   step = start
   try:
     while step < cfg.num_steps:
@@ -192,8 +193,10 @@ def train(
       step += 1
       steps_since += 1
       check_bad_streak(int(m["bad_streak"]), cfg.max_bad_steps, step, ck.root)
+      window.append(m)
       if step % cfg.log_every == 0 or step == cfg.num_steps or step == start + 1:
-        m = jax.device_get(m)
+        m = window_mean(jax.device_get(window))
+        window = []
         now = time.time()
         tokens_seen += float(m["tokens"]) * steps_since
         tps = float(m["tokens"]) * steps_since / max(now - t_log, 1e-9)
@@ -240,6 +243,18 @@ def train(
   return summary
 
 
+# Logged as the value at the logged step; every other metric is averaged over the window.
+_LAST = ("lr", "skipped", "bad_streak")
+
+
+def window_mean(window: list[dict]) -> dict:
+  """Host-side mean of per-step metrics over the steps since the last log line."""
+  return {
+    k: window[-1][k] if k in _LAST else np.mean([np.asarray(m[k]) for m in window], axis=0)
+    for k in window[-1]
+  }
+
+
 def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
@@ -251,18 +266,33 @@ def _any_process(flag: bool) -> bool:
 # ----------------------------------------------------------------------------- sampling
 
 
-def greedy_generate(model: nnx.Module, prompt: list[int], num_tokens: int) -> list[int]:
-  """Greedy continuation without a KV cache: a fixed [1, P + n] buffer, one jit, n calls."""
-  total = len(prompt) + num_tokens
-  buf = jnp.zeros((1, total), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
+def greedy_generate(
+  model: nnx.Module, prompts: list[list[int]], num_tokens: int
+) -> list[list[int]]:
+  """Greedy continuations of several prompts without a KV cache: one compiled call per token.
+
+  Rows live in a fixed [R, max_prompt + n] buffer; row r's next token is read at its own
+  position t_r - 1, and slots from t_r on are padding (segment 0), which causal attention
+  never lets earlier tokens see.
+  """
+  lens = np.asarray([len(p) for p in prompts], np.int32)
+  if lens.min() < 1:
+    raise ValueError("every prompt needs at least one token")
+  total = int(lens.max()) + num_tokens
+  buf = np.zeros((len(prompts), total), np.int32)
+  for r, p in enumerate(prompts):
+    buf[r, : len(p)] = p
   graphdef, params = nnx.split(model)
 
   @jax.jit
-  def next_token(params, buf, t):
-    seg = (jnp.arange(total) < t).astype(jnp.int32)[None]  # later slots are padding
-    logits = nnx.merge(graphdef, params)(buf, segment_ids=seg).logits
-    return jnp.argmax(logits[0, t - 1]).astype(jnp.int32)
+  def step(params, buf, t):  # buf [R, T], t [R]: tokens already in each row
+    seg = (jnp.arange(total)[None, :] < t[:, None]).astype(jnp.int32)
+    logits = nnx.merge(graphdef, params)(buf, segment_ids=seg).logits  # [R, T, V]
+    nxt = jnp.argmax(jnp.take_along_axis(logits, (t - 1)[:, None, None], axis=1)[:, 0], -1)
+    return buf.at[jnp.arange(buf.shape[0]), t].set(nxt.astype(jnp.int32)), t + 1
 
-  for t in range(len(prompt), total):
-    buf = buf.at[0, t].set(next_token(params, buf, t))
-  return [int(x) for x in np.asarray(buf[0, len(prompt) :])]
+  buf, t = jnp.asarray(buf), jnp.asarray(lens)
+  for _ in range(num_tokens):
+    buf, t = step(params, buf, t)
+  buf = np.asarray(buf)
+  return [buf[r, n : n + num_tokens].tolist() for r, n in enumerate(lens)]
