@@ -269,6 +269,21 @@ def forced_routing_inputs(types):
   return w, x
 
 
+def kept_slots(types, cap, shards):
+  """Independent model of the documented policy: on each shard (a contiguous block of tokens,
+  with its own capacity), every expert keeps its `cap` first slots ranked by (choice, token)."""
+  kept, n = set(), len(types) // shards
+  for s in range(shards):
+    toks = range(s * n, (s + 1) * n)
+    slots = sorted((j, t, e) for t in toks for j, e in enumerate([types[t], 1 - types[t]]))
+    seen = np.zeros(E, int)
+    for j, t, e in slots:
+      if seen[e] < cap:
+        kept.add((t, j))
+      seen[e] += 1
+  return kept
+
+
 @pytest.mark.parametrize(
   "cf, cap, expected_dropped",
   [
@@ -284,13 +299,7 @@ def test_capacity_drops_are_counted_and_zeroed(cf, cap, expected_dropped):
   cfg = moe_cfg("capacity", capacity_factor=cf)
   assert moe_lib.capacity(T, K, E, cf) == cap
   y, aux = moe_forward(cfg, w, x.reshape(B, L, D), np.ones((B, L), np.int32))
-  # Independent model of the documented policy: per expert, slots ranked by (choice, token).
-  slots = sorted((j, t, e) for t in range(T) for j, e in enumerate([types[t], 1 - types[t]]))
-  kept, seen = set(), np.zeros(E, int)
-  for j, t, e in slots:
-    if seen[e] < cap:
-      kept.add((t, j))
-    seen[e] += 1
+  kept = kept_slots(types, cap, shards=1)
   assert 2 * T - len(kept) == expected_dropped
   y_ref, _, _, routes = reference_moe(cfg, w, x, keep=lambda t, j, e: (t, j) in kept)
   assert [r[0] for r in routes] == [[s, 1 - s] for s in types]  # the forcing worked
@@ -301,6 +310,23 @@ def test_capacity_drops_are_counted_and_zeroed(cf, cap, expected_dropped):
   fully_dropped = [t for t in range(T) if (t, 0) not in kept and (t, 1) not in kept]
   assert len(fully_dropped) == (T - 2 * cap if cap < T // 2 else 0)
   assert np.all(y[fully_dropped] == 0.0)
+
+
+def test_capacity_drops_under_expert_parallelism():
+  """(data=2, expert=2, tensor=2): 4 batch shards of one row (8 tokens) each, C = 2 per shard.
+  Drops are counted per shard (capacity is per device) and summed over the mesh."""
+  types = np.arange(T) % 2
+  w, x = forced_routing_inputs(types)
+  cfg = moe_cfg("capacity", capacity_factor=1.0)
+  assert moe_lib.capacity(T // 4, K, E, 1.0) == 2
+  mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+  with use_mesh(mesh):
+    y, aux = jax.device_get(moe_forward(cfg, w, x.reshape(B, L, D), np.ones((B, L), np.int32)))
+  kept = kept_slots(types, 2, shards=4)
+  assert len(kept) == 4 * 4  # per shard: experts 0 and 1 keep 2 slots each
+  np.testing.assert_allclose(aux["dropped_fraction"], 1 - len(kept) / (2 * T), rtol=1e-6)
+  y_ref, _, _, _ = reference_moe(cfg, w, x, keep=lambda t, j, e: (t, j) in kept)
+  assert_close(np.asarray(y).reshape(T, D), y_ref, what="kept slots under EP")
 
 
 def test_padding_is_not_routed_and_takes_no_capacity():
