@@ -19,6 +19,8 @@ from qwen3_jax.model.sparse_attention import make_layout, sparse_attention
 from qwen3_jax.model.transformer import Qwen3
 
 B, H, KH, DH = 2, 4, 2, 8
+# Tiny programs: LLVM optimisation is most of their compile time, so skip it.
+FAST = {"xla_backend_optimization_level": 0}
 BLOCK = 8
 
 
@@ -124,7 +126,8 @@ def test_sparse_matches_dense_reference(l, g, w, m, packed):
       out = fn(*a)
       return jnp.sum(out[0] * ct) + jnp.sum(out[1] * ctg), out
 
-    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(*args)
+    grad_fn = jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)
+    return jax.jit(grad_fn, compiler_options=FAST)(*args)
 
   (_, got), g_ours = value_and_grads(ours)
   (_, want), g_ref = value_and_grads(ref)
@@ -172,7 +175,7 @@ def test_no_future_leakage_exact_zero_jacobian(kind):
     return y[0]
 
   x = jnp.asarray(rng.standard_normal((1, l, cfg.hidden_size)), jnp.float32)
-  jac = np.asarray(jax.jit(jax.jacrev(f))(x))[:, :, 0]  # [L + Ng, D, L, D]
+  jac = np.asarray(jax.jit(jax.jacrev(f), compiler_options=FAST)(x))[:, :, 0]  # [L + Ng, D, L, D]
   per_pair = np.abs(jac).sum(axis=(1, 3))  # [L + Ng, L]
   for t in range(l):
     assert np.all(per_pair[t, t + 1 :] == 0), f"real output {t} depends on later input"
@@ -186,7 +189,7 @@ def test_no_future_leakage_exact_zero_jacobian(kind):
 def test_model_changing_future_tokens_leaves_past_logits_bitwise():
   cfg = _tiny(("sparse", "full"))
   model = Qwen3(cfg, rngs=nnx.Rngs(0))
-  fwd = jax.jit(lambda state, t: nnx.merge(*state)(t).logits)
+  fwd = jax.jit(lambda state, t: nnx.merge(*state)(t).logits, compiler_options=FAST)
   state = nnx.split(model)
   toks = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 17)))
   base = fwd(state, toks)

@@ -10,6 +10,7 @@ from qwen3_jax import config as C
 from qwen3_jax.model.transformer import Qwen3, init_cache
 
 L, PAD = 19, 3  # row 1 is left-padded with PAD tokens of segment 0 (as in batched rollouts)
+FAST = {"xla_backend_optimization_level": 0}  # tiny programs: skip LLVM optimisation
 
 
 def _cfg(pattern):
@@ -36,7 +37,7 @@ def test_cached_decode_equals_full_forward(pattern):
   pos[1] = np.maximum(pos[1] - PAD, 0)
   seg, pos = jnp.asarray(seg), jnp.asarray(pos)
 
-  @jax.jit
+  @jax.jit(compiler_options=FAST)
   def forward(state, toks, pos, seg, cache):
     out = nnx.merge(graphdef, state)(toks, positions=pos, segment_ids=seg, cache=cache)
     return out.logits, out.cache
@@ -60,7 +61,7 @@ def test_global_token_changes_logits_and_bad_cache_args_raise():
   cfg = _cfg(("sparse",))
   model = Qwen3(cfg, rngs=nnx.Rngs(1))
   toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 9)))
-  fwd = jax.jit(lambda state, t: nnx.merge(*state)(t).logits)
+  fwd = jax.jit(lambda state, t: nnx.merge(*state)(t).logits, compiler_options=FAST)
   base = fwd(nnx.split(model), toks)
   model.global_embedding[...] = jnp.zeros_like(model.global_embedding[...]) + 1.0
   other = fwd(nnx.split(model), toks)
@@ -80,7 +81,7 @@ def test_sharded_decode_matches_one_device():
     model = sharding.create_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)), mesh)
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @jax.jit(compiler_options=FAST)
     def step(state, toks, cache):
       out = nnx.merge(graphdef, state)(toks, cache=cache)
       return out.logits, out.cache
