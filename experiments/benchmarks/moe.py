@@ -33,6 +33,7 @@ CASES = {  # name: (E, k, F)
 STRATEGIES = ("dense", "capacity", "dropless", "auto")
 FLOPS_TARGET = 1.3  # auto FLOPs / (k/E * dense FLOPs)
 SPEEDUP_TARGET = 4.0  # dense seconds / auto seconds at E64k8
+MAX_RUN_BYTES = 12 * 2**30  # Cases whose compiled peak memory exceeds this are not run.
 
 
 def moe_config(e: int, k: int, f: int, d: int, strategy: str) -> C.ModelConfig:
@@ -80,15 +81,22 @@ def run(flags) -> list[dict]:
     compiled = {}
     for strategy in STRATEGIES:
       step, args = fwd_bwd(moe_config(e, k, f, d, strategy), tokens)
-      fn, flops, _ = compiled_cost(step, *args)
-      compiled[strategy] = (fn, args, flops)
+      fn, flops, peak = compiled_cost(step, *args)
+      if peak > MAX_RUN_BYTES:  # ragged_dot on CPU at E64: 17.5 GB; the machine is shared.
+        print(f"{case} {strategy}: compiled peak {peak / 2**30:.1f} GiB > MAX_RUN_BYTES, not run")
+        rows.append(
+          dict(suite="moe", case=case, strategy=strategy, seconds=None, flops=flops,
+               peak_bytes=peak, num_experts=e, top_k=k, tokens=tokens, not_run="memory")
+        )  # fmt: skip
+        continue
+      compiled[strategy] = (fn, args, flops, peak)
     # All strategies of a case timed round-robin, so machine load hits them alike.
     last = {}
     times = time_interleaved(
-      {s: functools.partial(_call, fn, args, last, s) for s, (fn, args, _) in compiled.items()},
+      {s: functools.partial(_call, fn, args, last, s) for s, (fn, args, *_) in compiled.items()},
       repeats=repeats,
     )
-    for strategy, (_, _, flops) in compiled.items():
+    for strategy, (_, _, flops, peak) in compiled.items():
       seconds = float(np.min(times[strategy]))
       dropped = float(last[strategy][1])
       rows.append(
@@ -108,6 +116,7 @@ def run(flags) -> list[dict]:
           tokens=tokens,
           dropped_fraction=dropped,
           samples=len(times[strategy]),
+          peak_bytes=peak,
         )
       )
   print_load("at end")
@@ -122,6 +131,7 @@ def run(flags) -> list[dict]:
       "gflops_per_s",
       "tokens_per_s",
       "dropped_fraction",
+      "peak_bytes",
     ],
   )
   check_targets(rows)
@@ -140,9 +150,22 @@ def check_targets(rows: list[dict]) -> list[dict]:
       dict(
         suite="moe_target",
         case=case,
-        target=f"auto flops <= {FLOPS_TARGET}x ideal k/E * dense",
+        target=f"auto flops <= {FLOPS_TARGET}x ideal k/E * dense (XLA-counted dense)",
         value=ratio,
         passed=bool(ratio <= FLOPS_TARGET),
+      )
+    )
+    # The same against the analytic expert FLOPs of dense: 9 matmuls (3 forward, 6 backward)
+    # of 2*T*D*F per expert; XLA's count for dense comes out near 8 of them.
+    f_dim, tokens, d = auto["expert_hidden"], auto["tokens"], auto["hidden"]
+    analytic = 9 * 2 * tokens * k * d * f_dim
+    checks.append(
+      dict(
+        suite="moe_target",
+        case=case,
+        target=f"auto flops <= {FLOPS_TARGET}x ideal k/E * dense (analytic 9 x 2TDFE)",
+        value=auto["flops"] / analytic,
+        passed=bool(auto["flops"] / analytic <= FLOPS_TARGET),
       )
     )
     speedup = dense["seconds"] / auto["seconds"]
