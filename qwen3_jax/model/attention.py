@@ -32,28 +32,36 @@ from qwen3_jax.model.sparse_attention import (
 from qwen3_jax.sharding import constrain
 
 
-def full_attention(q, k, v, segment_ids=None):
-  """Causal softmax attention in float32.
+def full_attention(q, k, v, segment_ids=None, block=None):
+  """Causal softmax attention in float32, skipping the key blocks above the diagonal.
+
+  Queries are taken in blocks of `block` (None: one block); block i only reads keys
+  0 .. (i+1)*block - 1, so about half of the L x L logits are never computed.
 
   Args:
     q: [B, L, H, Dh] queries (already scaled, normed and rotated).
     k, v: [B, L, K, Dh] keys and values; H is a multiple of K.
     segment_ids: optional [B, L] ints; tokens attend only within their own segment.
+    block: query block length, or None.
 
   Returns:
     [B, L, H, Dh] in q's dtype.
   """
   b, l, h, dh = q.shape
   kh = k.shape[2]
-  q = q.reshape(b, l, kh, h // kh, dh)  # [B, L, K, G, Dh]
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-  mask = jnp.tril(jnp.ones((l, l), bool))[None]  # [1, L, S]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-  return out.reshape(b, l, h, dh)
+  block = l if block is None else block
+  outs = []
+  for start in range(0, l, block):
+    end = min(start + block, l)
+    qb = q[:, start:end].reshape(b, end - start, kh, h // kh, dh)  # [B, Q, K, G, Dh]
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qb, k[:, :end], preferred_element_type=jnp.float32)
+    mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]  # [1, Q, S]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)  # the diagonal is always visible
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("bkgqs,bskd->bqkgd", probs, v[:, :end]).reshape(b, end - start, h, dh))
+  return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
@@ -123,6 +131,9 @@ class Attention(nnx.Module):
       if glob is not None:
         out = jnp.concatenate([out, glob[0]], axis=1)
         lse = jnp.concatenate([lse, glob[1]], axis=1)
+    elif cache is None and layout.num_globals == 0:  # plain causal (training, scoring)
+      w = m = INF_SPAN
+      out = full_attention(q, k, v, seg, att.block_size)
     else:
       w = m = INF_SPAN
       out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
