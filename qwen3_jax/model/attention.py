@@ -17,7 +17,7 @@ from flax import nnx
 
 from qwen3_jax.config import ATTENTION_KINDS, ModelConfig
 from qwen3_jax.model import kv_cache
-from qwen3_jax.model.layers import RMSNorm, param, rope
+from qwen3_jax.model.layers import RMSNorm, linear, param, rope
 from qwen3_jax.model.sparse_attention import (
   INF_SPAN,
   NEG_INF,
@@ -112,9 +112,9 @@ class Attention(nnx.Module):
       segment_ids = jnp.ones((b, n), jnp.int32)
     cfg, att, l = self.cfg, self.cfg.attention, layout.num_real
     c = lambda p: p[...].astype(x.dtype)  # noqa: E731
-    q = self.q_norm(jnp.einsum("bld,dhk->blhk", x, c(self.q_proj)))
-    k = self.k_norm(jnp.einsum("bld,dhk->blhk", x, c(self.k_proj)))
-    v = jnp.einsum("bld,dhk->blhk", x, c(self.v_proj))
+    q = self.q_norm(linear(x, c(self.q_proj)))  # [B, L, H, Dh]
+    k = self.k_norm(linear(x, c(self.k_proj)))  # [B, L, K, Dh]
+    v = linear(x, c(self.v_proj))
     q = rope(q, positions, cfg.rope_theta) * (cfg.head_dim**-0.5)
     k = rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "seq", "heads", None))
@@ -145,4 +145,4 @@ class Attention(nnx.Module):
         cache, k[:, :l], v[:, :l], seg[:, :l], k[:, l:], v[:, l:], seg[:, l:], layout
       )
     out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", None))
-    return jnp.einsum("blhk,hkd->bld", out, c(self.o_proj)), cache
+    return linear(out, c(self.o_proj), n_in=2), cache

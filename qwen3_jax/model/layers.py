@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,20 @@ INIT_STD = 0.02  # HF `initializer_range`.
 def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = INIT_STD) -> nnx.Param:
   """A normal(0, std) parameter annotated with its logical axes."""
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), axes=axes)
+
+
+def linear(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+  """Contracts the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul.
+
+  [B, L, *in] x [*in, *out] -> [B, L, *out]. Flattening the leading dims first matters on
+  XLA:CPU: the weight gradient of a 3-D einsum contracting over (b, l) was ~1.6x slower
+  than the same product as [T, in] x [in, out].
+  """
+  lead, ins = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
+  outs = w.shape[n_in:]
+  k = math.prod(ins)
+  y = x.reshape(-1, k) @ w.reshape(k, -1)
+  return y.reshape(*lead, *outs)
 
 
 class RMSNorm(nnx.Module):
@@ -60,7 +76,7 @@ class Embed(nnx.Module):
     return constrain(x, ("batch", "seq", None))
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(self.dtype))
+    return linear(x, self.embedding[...].astype(self.dtype).T)
 
 
 class MLP(nnx.Module):
@@ -75,7 +91,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-    g = jnp.einsum("bld,df->blf", x, c(self.gate_proj))
-    u = jnp.einsum("bld,df->blf", x, c(self.up_proj))
+    g = linear(x, c(self.gate_proj))
+    u = linear(x, c(self.up_proj))
     h = constrain(jax.nn.silu(g) * u, ("batch", "seq", "mlp"))
-    return jnp.einsum("blf,fd->bld", h, c(self.down_proj))
+    return linear(h, c(self.down_proj))

@@ -20,7 +20,7 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.kv_cache import KVCache
-from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param
+from qwen3_jax.model.layers import MLP, Embed, RMSNorm, linear, param
 from qwen3_jax.model.moe import MoE
 from qwen3_jax.model.sparse_attention import Layout, make_layout
 from qwen3_jax.sharding import constrain
@@ -191,7 +191,7 @@ class Qwen3(nnx.Module):
     if cfg.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
     else:
-      logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(x.dtype))
+      logits = linear(x, self.lm_head[...].astype(x.dtype))
     logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
     return ModelOutput(logits=logits, aux=self._collect_aux(auxes), cache=cache)
 
