@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics import assert_close
 
 from qwen3_jax import config as C
 from qwen3_jax.config import MeshConfig, MoEConfig
@@ -131,15 +132,6 @@ def flat(tree):
   return {
     jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
   }
-
-
-def assert_close(actual, expected, rel=1e-5, what=""):
-  """max |a - e| <= rel * max |e|."""
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  scale = max(np.abs(expected).max(), 1e-12)
-  err = np.abs(actual - expected).max()
-  assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"
 
 
 # ----------------------------------------------------------------------------- sharded runs

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics import assert_close
 
 from qwen3_jax import config as C
 from qwen3_jax.config import MeshConfig, MoEConfig
@@ -160,15 +161,6 @@ def ref_balance(probs, routes, mask, seq_len):
     if rows:
       per_seq.append(lb(rows))
   return lb(real), float(np.mean(per_seq))
-
-
-def assert_close(actual, expected, rel=1e-5, what=""):
-  """max |a - e| <= rel * max |e| (a relative tolerance on the array's scale)."""
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  scale = max(np.abs(expected).max(), 1e-12)
-  err = np.abs(actual - expected).max()
-  assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"
 
 
 @pytest.fixture(scope="module")
