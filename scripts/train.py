@@ -54,4 +54,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # orbax logs every checkpoint step at INFO; keep the console to our progress lines
+  # (pass --verbosity=0 to see them).
+  flags.FLAGS.set_default("verbosity", -1)
   app.run(main)
