@@ -192,9 +192,11 @@ def train(
       state, m = prog.train_step(state, batch)
       step += 1
       steps_since += 1
-      check_bad_streak(int(m["bad_streak"]), cfg.max_bad_steps, step, ck.root)
+      if window:  # the previous step's streak: reading this step's would block on it
+        check_bad_streak(int(window[-1]["bad_streak"]), cfg.max_bad_steps, step - 1, ck.root)
       window.append(m)
       if step % cfg.log_every == 0 or step == cfg.num_steps or step == start + 1:
+        check_bad_streak(int(m["bad_streak"]), cfg.max_bad_steps, step, ck.root)
         m = window_mean(jax.device_get(window))
         window = []
         now = time.time()
