@@ -123,10 +123,9 @@ def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Mod
   The constructor runs under `jit` with `out_shardings` from the rules, so no device ever
   holds a full unsharded copy of a sharded parameter.
   """
-  abstract = nnx.eval_shape(make)
-  graphdef, abs_state = nnx.split(abstract)
   if mesh is None:
     return make()
+  graphdef, abs_state = nnx.split(nnx.eval_shape(make))
   shardings = state_shardings(abs_state, mesh)
 
   @jax.jit

@@ -122,8 +122,8 @@ class Attention(nnx.Module):
     v = constrain(v, ("batch", "seq", "kv_heads", None))
     seg = segment_ids
     q_meta, k_meta = chunk_meta(layout, seg[:, :l], seg[:, l:])
+    w, m = spans(att.window, att.max_globals) if self.kind == "sparse" else (INF_SPAN, INF_SPAN)
     if self.kind == "sparse":
-      w, m = spans(att.window, att.max_globals)
       (out, lse), glob = sparse_attention(
         q[:, :l], k[:, :l], v[:, :l], seg[:, :l], q[:, l:], k[:, l:], v[:, l:], seg[:, l:],
         layout, att.window, att.max_globals, att.block_size,
@@ -132,10 +132,8 @@ class Attention(nnx.Module):
         out = jnp.concatenate([out, glob[0]], axis=1)
         lse = jnp.concatenate([lse, glob[1]], axis=1)
     elif cache is None and layout.num_globals == 0:  # plain causal (training, scoring)
-      w = m = INF_SPAN
       out = full_attention(q, k, v, seg, att.block_size)
     else:
-      w = m = INF_SPAN
       out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
     if cache is not None:
       ck, cv, c_meta = kv_cache.key_meta(cache, layout.start, layout.every)

@@ -123,6 +123,8 @@ def initial_state(
 
 
 def save(ck, state: TrainState, step: int, data, cfg: TrainConfig, force=False) -> bool:
+  if not (force or ck.should_save(step)):
+    return False  # decided before `int(state.skipped)`, which would wait for the device
   opt = {"opt": state.opt_state, "step": state.step, "skipped": state.skipped}
   meta = {"model": to_dict(cfg.model), "step": step, "skipped": int(state.skipped)}
   return ck.save(step, state.params, opt, data.get_state(), meta, force=force)

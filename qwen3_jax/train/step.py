@@ -146,14 +146,13 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
 
   def grads_and_metrics(params, batch):
     totals = batch_totals(batch)
+
+    def mb_loss(p, mb, f_global=None):
+      out = forward(graphdef, p, mb)
+      return loss_terms(out.logits, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global)
+
     if n == 1:
-      fn = jax.value_and_grad(
-        lambda p: loss_terms(
-          *_out(forward(graphdef, p, batch)), batch, totals, mcfg, z_loss=cfg.z_loss
-        ),
-        has_aux=True,
-      )
-      (_, metrics), grads = fn(params)
+      (_, metrics), grads = jax.value_and_grad(mb_loss, has_aux=True)(params, batch)
       return grads, metrics
     mbs = _split_micro(batch, n)
     f_global = None
@@ -167,15 +166,11 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
       counts, _ = jax.lax.scan(count, zeros, mbs)
       f_global = fraction_from_counts(counts)
 
-    def mb_loss(p, mb):
-      out = forward(graphdef, p, mb)
-      return loss_terms(out.logits, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global)
-
     def body(carry, mb):
-      (_, m), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
+      (_, m), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb, f_global)
       return jax.tree.map(jnp.add, carry, (g, m)), None
 
-    zero_m = jax.eval_shape(lambda: mb_loss(params, jax.tree.map(lambda x: x[0], mbs))[1])
+    zero_m = jax.eval_shape(lambda: mb_loss(params, jax.tree.map(lambda x: x[0], mbs), f_global)[1])
     carry0 = jax.tree.map(
       lambda a: jnp.zeros(a.shape, a.dtype), (jax.eval_shape(lambda: params), zero_m)
     )
@@ -240,10 +235,6 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     lr=lr_fn,
     grads=_under_mesh(grads_j, mesh),
   )
-
-
-def _out(out):
-  return out.logits, out.aux
 
 
 class _under_mesh:
