@@ -40,15 +40,18 @@ AUX_PER_EXPERT = ("expert_fraction", "expert_prob", "tokens_per_expert")
 @dataclasses.dataclass
 class ModelOutput:
   """logits [B, L, V]; aux: scalar losses/stats and [num_moe_layers, E] router statistics;
-  cache: the updated `KVCache` when one was passed in, else None."""
+  cache: the updated `KVCache` when one was passed in, else None; hidden: [B, L, D] final
+  (normed) hidden states instead of logits (which are then None) when called with
+  `return_hidden=True`, for losses that apply the head themselves (`Qwen3.head_weight`)."""
 
-  logits: jax.Array
+  logits: jax.Array | None
   aux: dict[str, jax.Array]
   cache: KVCache | None = None
+  hidden: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-  ModelOutput, data_fields=["logits", "aux", "cache"], meta_fields=[]
+  ModelOutput, data_fields=["logits", "aux", "cache", "hidden"], meta_fields=[]
 )
 
 
@@ -150,6 +153,7 @@ class Qwen3(nnx.Module):
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: Any = None,
+    return_hidden: bool = False,
   ) -> ModelOutput:
     """tokens [B, L] int -> ModelOutput(logits [B, L, V] float32, aux, cache).
 
@@ -161,6 +165,8 @@ class Qwen3(nnx.Module):
     `ModelOutput.cache` holds them too (prefill: the prompt from an empty cache; decode: one
     token per call). With sparse attention a chunk of L > 1 tokens must start at a multiple
     of `global_every` (e.g. a prefill from 0); 1-token steps may start anywhere.
+    return_hidden: give `hidden` [B, L, D] (after the final norm, compute dtype) and no
+    logits; `linear(hidden, self.head_weight())` are the logits (before the float32 cast).
     When some layer is sparse (and global_every = g > 0) a learnable global token is inserted
     before real slots 0, g, 2g, ... (with that slot's position and segment) and its output
     dropped: it takes part in every layer, full layers see it as an ordinary earlier position.
@@ -188,12 +194,21 @@ class Qwen3(nnx.Module):
     if cache is not None:
       cache = KVCache(length=cache.length + l, layers=layers)
     x = self.norm(x[:, :l])
+    if return_hidden:
+      x = constrain(x, ("batch", "seq", None))
+      return ModelOutput(logits=None, aux=self._collect_aux(auxes), cache=cache, hidden=x)
     if cfg.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
     else:
       logits = linear(x, self.lm_head[...].astype(x.dtype))
     logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
     return ModelOutput(logits=logits, aux=self._collect_aux(auxes), cache=cache)
+
+  def head_weight(self) -> jax.Array:
+    """The LM head as a [D, V] matrix in the compute dtype (embedding.T when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype).T
+    return self.lm_head[...].astype(jnp.dtype(self.cfg.dtype))
 
   def _run_layers(self, x, positions, segment_ids, layout: Layout, caches=None):
     """-> (x, (auxes, caches)); per-sub-layer caches travel through the scan as xs/ys."""

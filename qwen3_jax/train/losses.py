@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.train.fused_ce import fused_cross_entropy
 
 # Batch keys, all [B, L] int32: model inputs, next-token targets, segment ids (0 = padding),
 # loss mask (1 = this target counts; 0 for padding, segment ends and e.g. SFT prompts).
@@ -38,7 +38,8 @@ def fraction_from_counts(tokens_per_expert: jax.Array) -> jax.Array:
 
 
 def loss_terms(
-  logits: jax.Array,
+  hidden: jax.Array,
+  head: jax.Array,
   aux: dict,
   batch: dict,
   totals: dict,
@@ -49,8 +50,13 @@ def loss_terms(
 ) -> tuple[jax.Array, dict]:
   """This micro-batch's share of the global-batch loss, and its (additive) metrics.
 
+  The LM head and cross-entropy run fused over token chunks (`fused_ce`): the [B, L, V]
+  logits are never materialised, the gradient is exact.
+
   Args:
-    logits: [B, L, V] float32; aux: the model's aux dict; batch: BATCH_KEYS arrays [B, L].
+    hidden: [B, L, D] final hidden states (`model(..., return_hidden=True).hidden`).
+    head: [D, V] LM-head weight (`model.head_weight()`).
+    aux: the model's aux dict; batch: BATCH_KEYS arrays [B, L].
     totals: `batch_totals` of the *global* batch (all micro-batches).
     z_loss: weight of mean(logsumexp(logits)^2) over loss tokens.
     f_global: [n_moe, E] expert fractions of the global batch; None = this micro-batch's own
@@ -59,14 +65,9 @@ def loss_terms(
   Returns:
     (loss, metrics): every metric is this micro-batch's contribution, summing to the batch value.
   """
-  w = batch["loss_mask"].astype(jnp.float32)  # [B, L]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, L]
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
-  ce_part = (ce * w).sum() / totals["n_loss"]
-  z_part = (lse**2 * w).sum() / totals["n_loss"]
-  correct = ((jnp.argmax(logits, -1) == batch["targets"]) * w).sum() / totals["n_loss"]
-  loss = ce_part + z_loss * z_part
-  metrics = {"ce": ce_part, "z_loss": z_part, "accuracy": correct}
+  w = batch["loss_mask"].astype(jnp.float32) / totals["n_loss"]  # [B, L]
+  # loss = sum(w * (ce + z_loss * lse^2)); metrics (no gradient): ce, z_loss, accuracy parts.
+  loss, metrics = fused_cross_entropy(hidden, head, batch["targets"], w, z_loss=z_loss)
   if cfg.is_moe:
     seg = batch["segment_ids"] > 0
     tok_share = seg.astype(jnp.float32).sum() / totals["n_tok"]

@@ -23,6 +23,7 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.data.pipeline import DataConfig
 from qwen3_jax.model import Qwen3
 from qwen3_jax.train.config import TrainConfig
+from qwen3_jax.train.fused_ce import fused_cross_entropy
 from qwen3_jax.train.losses import BATCH_KEYS, batch_totals, fraction_from_counts, loss_terms
 from qwen3_jax.train.optimizer import make_optimizer, schedule
 
@@ -76,6 +77,13 @@ def forward(graphdef, params, mb: dict):
   """Model outputs for a batch dict (inputs, segment_ids)."""
   model = nnx.merge(graphdef, params)
   return model(mb["inputs"], segment_ids=mb["segment_ids"])
+
+
+def forward_hidden(graphdef, params, mb: dict):
+  """(ModelOutput with final hidden states instead of logits, head weight [D, V])."""
+  model = nnx.merge(graphdef, params)
+  out = model(mb["inputs"], segment_ids=mb["segment_ids"], return_hidden=True)
+  return out, model.head_weight()
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -148,8 +156,10 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     totals = batch_totals(batch)
 
     def mb_loss(p, mb, f_global=None):
-      out = forward(graphdef, p, mb)
-      return loss_terms(out.logits, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global)
+      out, head = forward_hidden(graphdef, p, mb)
+      return loss_terms(
+        out.hidden, head, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global
+      )
 
     if n == 1:
       (_, metrics), grads = jax.value_and_grad(mb_loss, has_aux=True)(params, batch)
@@ -206,10 +216,10 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     return new_state, metrics
 
   def eval_step(params, batch):
-    out = forward(graphdef, params, batch)
+    out, head = forward_hidden(graphdef, params, batch)
     w = batch["loss_mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
-    return {"ce_sum": (ce * w).sum(), "n": w.sum()}
+    _, m = fused_cross_entropy(out.hidden, head, batch["targets"], w)  # forward only: chunked
+    return {"ce_sum": m["ce"], "n": w.sum()}
 
   batch_tree = {k: batch_sh for k in BATCH_KEYS}
   with shd.use_mesh(mesh):
