@@ -4,11 +4,12 @@ python scripts/benchmark.py --suite=train
 
 `small` (vocab 8192, hidden 512, 4 layers, 8 q / 4 kv heads, head_dim 64) with E16 k2 F512
 and with E64 k8 F128; batch 8 x 512 tokens, float32, AdamW, one device. For each variant we
-time the forward pass (logits + cross entropy, no gradient) and one train step (forward,
-backward, AdamW update). When `transformers` and `torch` are importable the equivalent
-`Qwen3MoeForCausalLM` is timed in the same run, call by call interleaved with ours, and the
-ratio ours / HF of tokens/s is reported (only ratios from one run mean anything on a shared
-machine).
+time the forward pass (loss value: LM head + cross entropy, no gradient) and one train step
+(forward, backward, AdamW update); ours computes the LM head and cross entropy fused over token
+chunks (qwen3_jax/train/fused_ce.py), HF the full logits then the cross entropy. When
+`transformers` and `torch` are importable the equivalent `Qwen3MoeForCausalLM` is timed in the
+same run, call by call interleaved with ours, and the ratio ours / HF of tokens/s is reported
+(only ratios from one run mean anything on a shared machine).
 
 Model FLOPs (for MFU), per train step, PaLM appendix B formula:
   6 * N * tokens + 12 * layers * H * Dh * L * tokens
@@ -47,6 +48,7 @@ from experiments.benchmarks.common import (  # noqa: E402
 )
 from qwen3_jax import config as C  # noqa: E402
 from qwen3_jax.model import Qwen3  # noqa: E402
+from qwen3_jax.train.fused_ce import fused_cross_entropy  # noqa: E402
 
 VARIANTS = {  # name: (E, k, F)
   "E16k2": (16, 2, 512),
@@ -75,8 +77,11 @@ def model_flops(cfg: C.ModelConfig, batch: int, seq_len: int) -> float:
 
 
 def loss_fn(model: Qwen3, tokens, labels):
-  out = model(tokens)
-  ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels).mean()
+  """Mean next-token CE + MoE aux loss; LM head and CE fused over token chunks (the [B, L, V]
+  logits are never materialised; without a gradient only the chunked forward runs)."""
+  out = model(tokens, return_hidden=True)
+  weights = jnp.full(labels.shape, 1.0 / labels.size, jnp.float32)  # the mean over tokens
+  ce, _ = fused_cross_entropy(out.hidden, model.head_weight(), labels, weights)
   return ce + out.aux["aux_loss"]
 
 

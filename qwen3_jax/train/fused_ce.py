@@ -63,8 +63,9 @@ def fused_cross_entropy(
     (loss, metrics). loss: [] float32 = sum(weights * (ce + z_loss * lse^2)), differentiable
     w.r.t. hidden, head and weights with exact gradients. metrics: {"ce": sum(weights * ce),
     "z_loss": sum(weights * lse^2), "accuracy": sum(weights * (argmax(logits) == targets))},
-    each [] float32. The metrics carry NO gradient: a cotangent flowing into them is ignored
-    (take the gradient of `loss`).
+    each [] float32; accuracy counts a token whose target ties for the max logit as correct
+    (argmax would pick the first of the tied). The metrics carry NO gradient: a cotangent
+    flowing into them is ignored (take the gradient of `loss`).
   """
   if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
     raise ValueError(
@@ -157,16 +158,17 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
   def chunk(hb, yb, wb):
     """Per-chunk forward: weighted sums [4] and what the gradient needs."""
     logits = jnp.dot(hb, head, preferred_element_type=jnp.float32)  # [C, V]
-    best = jnp.argmax(logits, axis=-1)  # [C]; its logit is also the max for the softmax
-    m = jnp.take_along_axis(logits, best[:, None], axis=-1)  # [C, 1]
-    e = jnp.exp(logits - m)  # [C, V]
+    m = logits.max(-1)  # [C]
+    e = jnp.exp(logits - m[:, None])  # [C, V]
     s = e.sum(-1)  # [C]
-    lse = m[:, 0] + jnp.log(s)
-    nll = lse - jnp.take_along_axis(logits, yb[:, None], axis=-1)[:, 0]
+    lse = m + jnp.log(s)
+    target_logit = jnp.take_along_axis(logits, yb[:, None], axis=-1)[:, 0]
+    nll = lse - target_logit
     row = nll + z_loss * lse**2  # per-token loss = d loss / d weight
-    sums = jnp.stack([wb * row, wb * nll, wb * lse**2, wb * (best == yb).astype(jnp.float32)]).sum(
-      -1
-    )
+    # Correct = the target's logit is the max (argmax == target but for exact ties; an argmax,
+    # a variadic reduce, made the chunked forward ~40% slower on XLA:CPU).
+    correct = (target_logit >= m).astype(jnp.float32)
+    sums = jnp.stack([wb * row, wb * nll, wb * lse**2, wb * correct]).sum(-1)
     return sums, row, e, s, lse
 
   if not grad:
