@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics import assert_close
 
 from qwen3_jax import config as C
 from qwen3_jax import sharding
-from qwen3_jax.model.attention import Attention
+from qwen3_jax.model.attention import Attention, full_attention
 from qwen3_jax.model.sparse_attention import make_layout, sparse_attention
 from qwen3_jax.model.transformer import Qwen3
 
@@ -149,6 +150,82 @@ def test_fully_masked_rows_are_zero_not_nan():
   assert np.all(out[0, 0, 1] == 0) and lse[0, 0, 1, 0, 0] <= -1e29
   grad = jax.grad(lambda q: jnp.sum(attend(q, k, k, mask)[0]))(q)
   assert np.all(np.isfinite(grad))
+
+
+def dense_causal_reference(q, k, v, seg):
+  """Softmax attention in float32 with an explicit [B, L, L] causal & same-segment mask."""
+  h, kh = q.shape[2], k.shape[2]
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  kr, vr = jnp.repeat(k, h // kh, axis=2), jnp.repeat(v, h // kh, axis=2)
+  l = q.shape[1]
+  mask = np.tril(np.ones((l, l), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+  logits = jnp.einsum("bqhd,bshd->bhqs", q, kr)
+  logits = jnp.where(jnp.asarray(mask)[:, None], logits, -1e30)
+  return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, axis=-1), vr)
+
+
+FULL_CASES = [
+  # (L, H, K, block, packed): L not a multiple of the block, one block, MHA / GQA / MQA.
+  (19, 4, 2, 8, True),
+  (16, 4, 4, 8, False),
+  (13, 6, 2, None, True),
+  (21, 4, 1, 5, True),
+]
+
+
+def full_value_and_grads(fn, q, k, v, ct):
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * ct), out
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  (_, out), grads = jax.jit(grad_fn, compiler_options=FAST)(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("l,h,kh,block,packed", FULL_CASES)
+def test_full_attention_matches_dense_reference(l, h, kh, block, packed):
+  rng = np.random.default_rng(l + h + kh)
+  shapes = [(B, l, h, DH), (B, l, kh, DH), (B, l, kh, DH)]
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+  ct = jnp.asarray(rng.standard_normal((B, l, h, DH)), jnp.float32)
+  seg = packed_segments(l, packed)  # packed: a document split mid-block, trailing padding (0)
+  seg_arg = jnp.asarray(seg) if packed else None
+  got, g_got = full_value_and_grads(lambda *a: full_attention(*a, seg_arg, block), q, k, v, ct)
+  want, g_want = full_value_and_grads(lambda *a: dense_causal_reference(*a, seg), q, k, v, ct)
+  assert_close(got, want, 1e-5, "out")
+  for name, a, b_ in zip("qkv", g_got, g_want, strict=True):
+    assert np.all(np.isfinite(a)), f"d{name} has non-finite values"
+    assert_close(a, b_, 1e-5, f"d{name}")
+
+
+def test_full_attention_bf16_inputs():
+  """bf16 q/k/v: float32 softmax inside, output bf16, close to the float32 reference."""
+  l, h, kh = 19, 4, 2
+  rng = np.random.default_rng(11)
+  shapes = [(B, l, h, DH), (B, l, kh, DH), (B, l, kh, DH)]
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in shapes)
+  ct = jnp.asarray(rng.standard_normal((B, l, h, DH)), jnp.float32)
+  seg = packed_segments(l, True)
+  got, g_got = full_value_and_grads(
+    lambda *a: full_attention(*a, jnp.asarray(seg), BLOCK), q, k, v, ct
+  )
+  want, g_want = full_value_and_grads(lambda *a: dense_causal_reference(*a, seg), q, k, v, ct)
+  assert got.dtype == jnp.bfloat16
+  assert_close(got, want, 2e-2, "out")
+  for name, a, b_ in zip("qkv", g_got, g_want, strict=True):
+    assert a.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(a, np.float32)))
+    assert_close(a, b_, 3e-2, f"d{name}")
+
+
+def test_full_attention_bad_shapes_raise():
+  q, k = jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    full_attention(q, k, k)
+  with pytest.raises(ValueError, match="segment_ids"):
+    full_attention(k, k, k, jnp.zeros((1, 5), jnp.int32))
+  with pytest.raises(ValueError, match="block"):
+    full_attention(k, k, k, None, 0)
 
 
 def _tiny(pattern, **att):

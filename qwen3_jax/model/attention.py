@@ -33,35 +33,71 @@ from qwen3_jax.sharding import constrain
 
 
 def full_attention(q, k, v, segment_ids=None, block=None):
-  """Causal softmax attention in float32, skipping the key blocks above the diagonal.
+  """Causal softmax attention (float32 logits), skipping the key blocks above the diagonal.
 
   Queries are taken in blocks of `block` (None: one block); block i only reads keys
-  0 .. (i+1)*block - 1, so about half of the L x L logits are never computed.
+  0 .. (i+1)*block - 1, so about half of the L x L logits are never computed. L need not be a
+  multiple of `block` (the last block is shorter).
+
+  Layout: q/k/v are transposed once to head-major [B, K, L, G, Dh] / [B, K, L, Dh], so every
+  block's logits and weighted sum are batched matmuls over (B, K) with the G query heads of
+  a kv head folded into the rows; the softmax is written out (max, exp, sum) with the max
+  held constant for differentiation. On XLA:CPU (small preset, L=512) this forward is ~15%
+  faster than per-block transposes of [B, L, H, Dh] with `jax.nn.softmax`. A custom VJP
+  (dS = P * (dP - rowsum(dO * O)) from saved probabilities) measured no faster in forward +
+  backward than XLA's autodiff of this code, so there is none.
 
   Args:
     q: [B, L, H, Dh] queries (already scaled, normed and rotated).
     k, v: [B, L, K, Dh] keys and values; H is a multiple of K.
-    segment_ids: optional [B, L] ints; tokens attend only within their own segment.
-    block: query block length, or None.
+    segment_ids: optional [B, L] ints; tokens attend only within their own segment. Every
+      query sees at least itself, so padding rows (any segment id, e.g. 0) stay finite.
+    block: query block length (>= 1), or None.
 
   Returns:
     [B, L, H, Dh] in q's dtype.
   """
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(
+      f"full_attention: q {q.shape} must be [B, L, H, Dh], k {k.shape} == v {v.shape} [B, L, K, Dh]"
+    )
   b, l, h, dh = q.shape
   kh = k.shape[2]
+  if k.shape[:2] != (b, l) or k.shape[3] != dh or h % kh:
+    raise ValueError(
+      f"full_attention: q {q.shape} and k/v {k.shape} do not match "
+      f"(same B, L, Dh; q heads a multiple of kv heads)"
+    )
+  if segment_ids is not None and segment_ids.shape != (b, l):
+    raise ValueError(f"full_attention: segment_ids {segment_ids.shape} must be [B, L] = {(b, l)}")
   block = l if block is None else block
+  if block < 1:
+    raise ValueError(f"full_attention: block must be >= 1, got {block}")
+  qt = q.reshape(b, l, kh, h // kh, dh).transpose(0, 2, 1, 3, 4)  # [B, K, L, G, Dh]
+  kt = k.transpose(0, 2, 1, 3)  # [B, K, L, Dh]
+  vt = v.transpose(0, 2, 1, 3)
   outs = []
   for start in range(0, l, block):
     end = min(start + block, l)
-    qb = q[:, start:end].reshape(b, end - start, kh, h // kh, dh)  # [B, Q, K, G, Dh]
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qb, k[:, :end], preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "bkqgd,bksd->bkqgs", qt[:, :, start:end], kt[:, :, :end], preferred_element_type=jnp.float32
+    )  # [B, K, Q, G, S]
     mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]  # [1, Q, S]
     if segment_ids is not None:
       mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)  # the diagonal is always visible
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bkgqs,bskd->bqkgd", probs, v[:, :end]).reshape(b, end - start, h, dh))
-  return jnp.concatenate(outs, axis=1)
+    logits = jnp.where(mask[:, None, :, None], logits, NEG_INF)  # the diagonal is always visible
+    probs = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    probs = probs / probs.sum(-1, keepdims=True)
+    outs.append(
+      jnp.einsum(
+        "bkqgs,bksd->bkqgd",
+        probs.astype(v.dtype),
+        vt[:, :, :end],
+        preferred_element_type=jnp.float32,
+      )
+    )
+  out = jnp.concatenate(outs, axis=2).astype(q.dtype)  # [B, K, L, G, Dh]
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, l, h, dh)
 
 
 class Attention(nnx.Module):
@@ -108,7 +144,8 @@ class Attention(nnx.Module):
     b, n, _ = x.shape
     if layout is None:
       layout = make_layout(n, 0, 0)
-    if segment_ids is None:
+    one_segment = segment_ids is None
+    if one_segment:
       segment_ids = jnp.ones((b, n), jnp.int32)
     cfg, att, l = self.cfg, self.cfg.attention, layout.num_real
     c = lambda p: p[...].astype(x.dtype)  # noqa: E731
@@ -132,7 +169,7 @@ class Attention(nnx.Module):
         out = jnp.concatenate([out, glob[0]], axis=1)
         lse = jnp.concatenate([lse, glob[1]], axis=1)
     elif cache is None and layout.num_globals == 0:  # plain causal (training, scoring)
-      out = full_attention(q, k, v, seg, att.block_size)
+      out = full_attention(q, k, v, None if one_segment else seg, att.block_size)
     else:
       out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
     if cache is not None:
