@@ -112,6 +112,12 @@ def test_masked_tokens_do_not_matter(data, fused_grads):
   assert_close(dw2, dw, what="d_head")
   assert_close(dh2, dh, what="d_hidden")
   assert float(jnp.abs(jnp.where((wt > 0)[..., None], 0.0, dh2)).max()) == 0.0
+  # Their targets are never read (-1 = an ignore id), but a counted bad target poisons the loss.
+  (loss3, _), (dh3, dw3, _) = fused_grads(h, w, jnp.where(wt > 0, y, -1), wt, Z)
+  assert_close(loss3, loss, what="loss, ignored targets -1")
+  assert_close(dw3, dw, what="d_head, ignored targets -1")
+  (loss4, _), _ = fused_grads(h, w, y.at[0, 0].set(V), wt.at[0, 0].set(0.1), Z)
+  assert not np.isfinite(float(loss4))
 
 
 def test_metrics_carry_no_gradient(data):

@@ -51,9 +51,9 @@ def fused_cross_entropy(
       computed as float32, `preferred_element_type`, so bf16 inputs give float32 logits).
     head: [D, V] LM-head weight in the compute dtype (`Qwen3.head_weight()`: embedding.T when
       tied, lm_head otherwise).
-    targets: [B, L] int target token ids in [0, V).
+    targets: [B, L] int target token ids in [0, V) (a counted one outside gives a NaN loss).
     weights: [B, L] float per-token weights, e.g. loss_mask / number of loss tokens; 0 drops a
-      token (its target is then never read as a label).
+      token (its target may then be any id, e.g. -1).
     z_loss: weight of logsumexp(logits)^2 (a Python float: it is compiled in).
     chunk_size: about how many token rows per chunk (on each device under a mesh); the rows
       are split into ceil(T / chunk_size) equal chunks, padding at most one row per chunk with
@@ -147,8 +147,11 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
   c = -(-t // n)  # rows per chunk
   pad = n * c - t
   h = hidden.reshape(t, d)
-  y = targets.reshape(t).astype(jnp.int32)
   w = weights.reshape(t)
+  # Weight-0 rows may hold any id (e.g. -1 to ignore): an out-of-range one reads target 0. On a
+  # counted row it gives a NaN loss (the gather's fill value), not a silent clip.
+  y = targets.reshape(t).astype(jnp.int32)
+  y = jnp.where((w != 0) | ((y >= 0) & (y < v)), y, 0)
   if pad:  # weight-0 rows with target 0: they add nothing to any sum or gradient
     h = jnp.pad(h, ((0, pad), (0, 0)))
     y = jnp.pad(y, (0, pad))
