@@ -13,7 +13,9 @@ in all (the unfused autodiff recomputes nothing either, but it writes and reads 
 logits, softmax and cotangent in memory, which costs more than the GEMMs' arithmetic on CPU).
 Without differentiation (eval, forward-only) the primal runs: the same chunks, no gradient.
 
-Under a mesh the tokens stay where they are: the chunk scan runs under `shard_map` over this
+With a mesh `tensor` axis > 1 (the vocab is split over it) the plain path runs instead: full
+[B, L, V] logits, vocab-parallel under the SPMD partitioner, autodiff gradient. Otherwise,
+under a mesh the tokens stay where they are: the chunk scan runs under `shard_map` over this
 device's tokens (batch split over the `batch` rule's mesh axes, the head replicated), and the
 loss sums and dhead are `psum`-ed once at the end, not per chunk.
 
@@ -81,10 +83,31 @@ def fused_cross_entropy(
     raise ValueError(f"fused_cross_entropy: targets must be integers, got {targets.dtype}")
   if chunk_size < 1:
     raise ValueError(f"fused_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-  loss, metrics = _fused(
-    hidden, head, targets, weights.astype(jnp.float32), float(z_loss), chunk_size
-  )
+  weights = weights.astype(jnp.float32)
+  mesh = shd.active_mesh()
+  if mesh is not None and mesh.shape["tensor"] > 1:
+    # The vocab is split over `tensor`: full logits let the SPMD partitioner keep the head and
+    # its gradient vocab-parallel, where the fused scan would replicate them on every device.
+    loss, metrics = _unfused(hidden, head, targets, weights, float(z_loss))
+  else:
+    loss, metrics = _fused(hidden, head, targets, weights, float(z_loss), chunk_size)
   return loss, dict(zip(METRICS, metrics, strict=True))
+
+
+def _unfused(hidden, head, targets, weights, z_loss):
+  """The same loss and metrics from materialised [B, L, V] float32 logits (plain autodiff)."""
+  logits = jnp.einsum("bld,dv->blv", hidden, head, preferred_element_type=jnp.float32)
+  logits = shd.constrain(logits, ("batch", "seq", "vocab"))
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+  v = head.shape[1]
+  y = targets.astype(jnp.int32)
+  safe = jnp.where((weights != 0) | ((y >= 0) & (y < v)), y, 0)  # as `_local`: masked rows
+  target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  nll = lse - target_logit
+  loss = jnp.sum(weights * (nll + z_loss * lse**2))
+  correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+  metrics = tuple(jax.lax.stop_gradient(jnp.sum(weights * m)) for m in (nll, lse**2, correct))
+  return loss, metrics
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
