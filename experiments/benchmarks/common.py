@@ -95,12 +95,14 @@ def time_interleaved(
   return times
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  """Measured float32 n^3 GEMM throughput of XLA on the default device, in FLOP/s (best run)."""
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype=np.float32) -> float:
+  """Measured n^3 GEMM throughput of XLA on the default device, in FLOP/s (best run).
+
+  Inputs in `dtype`, products accumulated and returned in float32."""
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), np.float32)
-  b = jax.random.normal(kb, (n, n), np.float32)
-  mm = jax.jit(lambda a, b: a @ b)
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  mm = jax.jit(lambda a, b: jax.numpy.dot(a, b, preferred_element_type=np.float32))
   jax.block_until_ready(mm(a, b))
   best = float("inf")
   for _ in range(repeats):

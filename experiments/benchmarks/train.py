@@ -20,6 +20,11 @@ subtracted). Forward model FLOPs are a third of that. MFU divides model FLOPs/s 
 float32 2048^3 GEMM throughput XLA reached in the same run (timed at the start and once per
 round between the calls, so under the same load).
 
+`vs_hf_ceiling` = HF's time / (our model FLOPs / that peak): the ratio ours / HF would reach at
+100 % MFU, i.e. the most any float32 implementation could beat HF by on this machine. The
+bfloat16 GEMM rate is printed for reference only (not used): on this machine it is about twice
+the float32 one.
+
 `flops` is XLA's own count of the compiled program; XLA counts a `while` body (the layer
 scan) once, so for the scanned model it covers one layer of the stack, not all of them.
 """
@@ -238,9 +243,19 @@ def run(flags) -> list[dict]:
         fastest = max(PEERS[name].values())
         mine["vs_fastest_peer_recorded"] = mine["tokens_per_s"] / fastest
   print(f"best float32 {GEMM_N}^3 GEMM of the run (MFU denominator): {peak / 1e9:.1f} GFLOP/s")
+  bf16 = matmul_peak(GEMM_N, dtype=jnp.bfloat16)
+  print(
+    f"bfloat16 {GEMM_N}^3 GEMM (float32 accumulation), for reference only: {bf16 / 1e9:.1f} GFLOP/s"
+  )
+  by = {(r["case"], r["impl"], r["phase"]): r for r in rows}
   for r in rows:
     r["peak_flops_per_s"] = peak
     r["mfu"] = r["model_flops"] / r["seconds"] / peak
+    other = by.get((r["case"], "hf_torch", r["phase"]))
+    if r["impl"] == "ours" and other is not None:
+      # Ours / HF if ours ran its model FLOPs at 100 % of the GEMM peak: no implementation
+      # on this machine can beat HF by more than this in float32.
+      r["vs_hf_ceiling"] = other["seconds"] / (r["model_flops"] / peak)
   print_load("at end")
   report(
     rows,
@@ -254,6 +269,7 @@ def run(flags) -> list[dict]:
       "mfu",
       "flops",
       "vs_hf",
+      "vs_hf_ceiling",
       "vs_fastest_peer_recorded",
     ],
   )
@@ -262,7 +278,13 @@ def run(flags) -> list[dict]:
       continue
     checks = [("MFU >= 0.60", r["mfu"] >= 0.6)]
     if "vs_hf" in r:
-      checks.append(("ours/HF >= 1.5 (same run)", r["vs_hf"] >= 1.5))
+      reach = "reachable" if r["vs_hf_ceiling"] >= 1.5 else "unreachable"
+      checks.append(
+        (
+          f"ours/HF >= 1.5 (same run; {reach}: at 100% MFU it would be {r['vs_hf_ceiling']:.2f})",
+          r["vs_hf"] >= 1.5,
+        )
+      )
     for target, ok in checks:
       print(f"target {r['case']} {r['phase']}: {target}: {'PASS' if ok else 'FAIL'}")
   return rows
