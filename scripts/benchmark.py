@@ -1,6 +1,6 @@
 r"""Benchmarks: prints a table and one JSON line per row.
 
-python scripts/benchmark.py --suite=moe|train|attention|all
+python scripts/benchmark.py --suite=moe|train|attention|breakdown|all
 """
 
 import importlib
@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-SUITES = ("moe", "train", "attention")
+SUITES = ("moe", "train", "attention", "breakdown")
 FLAGS = flags.DEFINE_string("suite", "all", f"One of {SUITES} or 'all'.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions per case (median is reported).")
 flags.DEFINE_bool("quick", False, "Small shapes, for a smoke run.")
