@@ -8,7 +8,7 @@ Multi-process: --coordinator=HOST:PORT --num_processes=N --process_id=I (or a cl
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,6 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f["verbosity"].present:
+    # orbax logs every checkpoint step at INFO; keep the console to our progress lines
+    # (pass --verbosity=0 to see them). A flag default is not enough: absl resets it.
+    logging.set_verbosity(logging.WARNING)
   import jax
 
   if f.num_cpu_devices:
@@ -54,7 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # orbax logs every checkpoint step at INFO; keep the console to our progress lines
-  # (pass --verbosity=0 to see them).
-  flags.FLAGS.set_default("verbosity", -1)
   app.run(main)

@@ -22,6 +22,8 @@ def train_cli(workdir, steps, *extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  # orbax's per-checkpoint INFO logs stay off unless --verbosity asks for them.
+  assert "checkpoint_manager.py" not in proc.stderr, proc.stderr[-3000:]
   return proc.stdout
 
 
