@@ -85,12 +85,12 @@ def _causal_attention_bwd(block, res, d_out):
   dq = []
   dk = jnp.zeros(kt.shape, jnp.float32)
   dv = jnp.zeros(vt.shape, jnp.float32)
+  f32 = dict(preferred_element_type=jnp.float32)
   for (start, end), lse in zip(_blocks(qt.shape[2], block), lses, strict=True):
     probs = jnp.exp(_block_logits(qt, kt, seg, start, end) - lse)  # [B, K, Q, G, S]
     d_blk = d_out[:, :, start:end]  # [B, K, Q, G, Dh]
-    dp = jnp.einsum("bkqgd,bksd->bkqgs", d_blk, vt[:, :, :end], preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkqgd,bksd->bkqgs", d_blk, vt[:, :, :end], **f32)
     ds = probs * (dp - delta[:, :, start:end])
-    f32 = dict(preferred_element_type=jnp.float32)
     dq.append(jnp.einsum("bkqgs,bksd->bkqgd", ds.astype(kt.dtype), kt[:, :, :end], **f32))
     dk = dk.at[:, :, :end].add(
       jnp.einsum("bkqgs,bkqgd->bksd", ds.astype(qt.dtype), qt[:, :, start:end], **f32)

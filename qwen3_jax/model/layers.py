@@ -60,7 +60,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Embed(nnx.Module):
-  """Token embedding table [V, D]; `attend` gives logits for tied LM heads."""
+  """Token embedding table [V, D] (its transpose is the LM head when tied: `Qwen3.head_weight`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.embedding = param(
@@ -74,9 +74,6 @@ class Embed(nnx.Module):
     table = constrain(self.embedding[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [B, L, D]
     return constrain(x, ("batch", "seq", None))
-
-  def attend(self, x: jax.Array) -> jax.Array:
-    return linear(x, self.embedding[...].astype(self.dtype).T)
 
 
 class MLP(nnx.Module):

@@ -197,10 +197,7 @@ class Qwen3(nnx.Module):
     if return_hidden:
       x = constrain(x, ("batch", "seq", None))
       return ModelOutput(logits=None, aux=self._collect_aux(auxes), cache=cache, hidden=x)
-    if cfg.tie_word_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = linear(x, self.lm_head[...].astype(x.dtype))
+    logits = linear(x, self.head_weight())
     logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
     return ModelOutput(logits=logits, aux=self._collect_aux(auxes), cache=cache)
 

@@ -99,10 +99,8 @@ def _unfused(hidden, head, targets, weights, z_loss):
   logits = jnp.einsum("bld,dv->blv", hidden, head, preferred_element_type=jnp.float32)
   logits = shd.constrain(logits, ("batch", "seq", "vocab"))
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
-  v = head.shape[1]
-  y = targets.astype(jnp.int32)
-  safe = jnp.where((weights != 0) | ((y >= 0) & (y < v)), y, 0)  # as `_local`: masked rows
-  target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  y = _safe_targets(targets, weights, head.shape[1])
+  target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
   nll = lse - target_logit
   loss = jnp.sum(weights * (nll + z_loss * lse**2))
   correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
@@ -171,10 +169,7 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
   pad = n * c - t
   h = hidden.reshape(t, d)
   w = weights.reshape(t)
-  # Weight-0 rows may hold any id (e.g. -1 to ignore): an out-of-range one reads target 0. On a
-  # counted row it gives a NaN loss (the gather's fill value), not a silent clip.
-  y = targets.reshape(t).astype(jnp.int32)
-  y = jnp.where((w != 0) | ((y >= 0) & (y < v)), y, 0)
+  y = _safe_targets(targets.reshape(t), w, v)
   if pad:  # weight-0 rows with target 0: they add nothing to any sum or gradient
     h = jnp.pad(h, ((0, pad), (0, 0)))
     y = jnp.pad(y, (0, pad))
@@ -224,6 +219,14 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
   dh = dh.reshape(n * c, d)[:t].reshape(b, l, d)  # [B, L, D]
   d_weights = rows.reshape(n * c)[:t].reshape(b, l)  # [B, L]
   return sums[0], tuple(sums[1:]), (dh, d_head, d_weights)
+
+
+def _safe_targets(targets, weights, vocab: int):
+  """int32 targets where a weight-0 row's out-of-range id (e.g. -1 to ignore) reads 0. On a
+  counted row an out-of-range id is kept: it gives a NaN loss (the gather's fill value), not a
+  silent clip."""
+  y = targets.astype(jnp.int32)
+  return jnp.where((weights != 0) | ((y >= 0) & (y < vocab)), y, 0)
 
 
 def _psum(x, axes):

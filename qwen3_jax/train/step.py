@@ -74,13 +74,8 @@ class Program:
 
 
 def forward(graphdef, params, mb: dict):
-  """Model outputs for a batch dict (inputs, segment_ids)."""
-  model = nnx.merge(graphdef, params)
-  return model(mb["inputs"], segment_ids=mb["segment_ids"])
-
-
-def forward_hidden(graphdef, params, mb: dict):
-  """(ModelOutput with final hidden states instead of logits, head weight [D, V])."""
+  """(ModelOutput with final hidden states instead of logits, head weight [D, V]) for a batch
+  dict (inputs, segment_ids): the losses apply the head themselves (`fused_ce`)."""
   model = nnx.merge(graphdef, params)
   out = model(mb["inputs"], segment_ids=mb["segment_ids"], return_hidden=True)
   return out, model.head_weight()
@@ -156,7 +151,7 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     totals = batch_totals(batch)
 
     def mb_loss(p, mb, f_global=None):
-      out, head = forward_hidden(graphdef, p, mb)
+      out, head = forward(graphdef, p, mb)
       return loss_terms(
         out.hidden, head, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global
       )
@@ -169,10 +164,10 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     if mcfg.is_moe and mcfg.moe.balance == "global":
       # Forward-only pre-pass: expert counts of the whole global batch.
       def count(c, mb):
-        return c + forward(graphdef, params, mb).aux["tokens_per_expert"], None
+        return c + forward(graphdef, params, mb)[0].aux["tokens_per_expert"], None
 
       first = jax.eval_shape(lambda: forward(graphdef, params, jax.tree.map(lambda x: x[0], mbs)))
-      zeros = jnp.zeros(first.aux["tokens_per_expert"].shape, jnp.float32)
+      zeros = jnp.zeros(first[0].aux["tokens_per_expert"].shape, jnp.float32)
       counts, _ = jax.lax.scan(count, zeros, mbs)
       f_global = fraction_from_counts(counts)
 
@@ -216,7 +211,7 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     return new_state, metrics
 
   def eval_step(params, batch):
-    out, head = forward_hidden(graphdef, params, batch)
+    out, head = forward(graphdef, params, batch)
     w = batch["loss_mask"].astype(jnp.float32)
     _, m = fused_cross_entropy(out.hidden, head, batch["targets"], w)  # forward only: chunked
     return {"ce_sum": m["ce"], "n": w.sum()}
