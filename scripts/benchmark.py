@@ -9,6 +9,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qwen3_jax.runtime import malloc_tuned, reexec_with_tuned_malloc  # noqa: E402
+
+if __name__ == "__main__":
+  reexec_with_tuned_malloc()  # Before JAX starts; see qwen3_jax/runtime.py.
+
 from absl import app, flags  # noqa: E402
 
 SUITES = ("moe", "train", "attention", "breakdown")
@@ -21,6 +26,8 @@ def main(argv):
   del argv
   suite = flags.FLAGS.suite
   names = SUITES if suite == "all" else (suite,)
+  state = "tuned" if malloc_tuned() else "glibc defaults"
+  print(f"malloc: {state} (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
   for name in names:
     if name not in SUITES:
       raise app.UsageError(f"--suite={name!r} is not one of {SUITES} or 'all'")

@@ -13,6 +13,11 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qwen3_jax.runtime import reexec_with_tuned_malloc  # noqa: E402
+
+if __name__ == "__main__":
+  reexec_with_tuned_malloc()  # Before JAX starts; see qwen3_jax/runtime.py.
+
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, metrics).")
 flags.DEFINE_integer("num_cpu_devices", 0, "Simulate this many CPU devices (0 = real devices).")
