@@ -9,6 +9,7 @@ dimension than its names, which is the `layers` axis (never split).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -145,6 +146,16 @@ def use_mesh(mesh: Mesh | None):
   else:
     with jax.set_mesh(mesh):
       yield
+
+
+def check_batch(batch: int, mesh, what: str) -> None:
+  """Raises (at trace time) when `batch` rows cannot be split over the data-parallel axes."""
+  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch % n:
+    raise ValueError(
+      f"{what}: batch {batch} is not divisible by the data-parallel mesh axes "
+      f"{BATCH_AXES} (size {n})"
+    )
 
 
 def validate(cfg: ModelConfig, mesh: Mesh | None, batch_size: int | None = None) -> None:

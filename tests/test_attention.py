@@ -183,12 +183,17 @@ def full_value_and_grads(fn, q, k, v, ct):
   return out, grads
 
 
+def random_qkv_ct(l, h, kh, seed, dtype=jnp.float32):
+  """q [B, l, h, DH], k and v [B, l, kh, DH] in `dtype`; a float32 output cotangent."""
+  rng = np.random.default_rng(seed)
+  shapes = [(B, l, h, DH), (B, l, kh, DH), (B, l, kh, DH)]
+  q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
+  return q, k, v, jnp.asarray(rng.standard_normal((B, l, h, DH)), jnp.float32)
+
+
 @pytest.mark.parametrize("l,h,kh,block,packed", FULL_CASES)
 def test_full_attention_matches_dense_reference(l, h, kh, block, packed):
-  rng = np.random.default_rng(l + h + kh)
-  shapes = [(B, l, h, DH), (B, l, kh, DH), (B, l, kh, DH)]
-  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
-  ct = jnp.asarray(rng.standard_normal((B, l, h, DH)), jnp.float32)
+  q, k, v, ct = random_qkv_ct(l, h, kh, seed=l + h + kh)
   seg = packed_segments(l, packed)  # packed: a document split mid-block, trailing padding (0)
   seg_arg = jnp.asarray(seg) if packed else None
   got, g_got = full_value_and_grads(lambda *a: full_attention(*a, seg_arg, block), q, k, v, ct)
@@ -199,13 +204,29 @@ def test_full_attention_matches_dense_reference(l, h, kh, block, packed):
     assert_close(a, b_, 1e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("mesh_axes", [dict(data=2, tensor=2), dict(fsdp=2), dict(tensor=2)])
+def test_full_attention_per_device_matches_reference(mesh_axes):
+  """Under a mesh the core runs per device in shard_map (batch over data/fsdp, heads over
+  tensor): outputs and gradients equal the dense reference."""
+  l = 19
+  q, k, v, ct = random_qkv_ct(l, 4, 2, seed=3)
+  seg = packed_segments(l, True)
+  n = int(np.prod(list(mesh_axes.values())))
+  mesh = sharding.make_mesh(C.MeshConfig(**mesh_axes), jax.devices()[:n])
+  with sharding.use_mesh(mesh):
+    got, g_got = full_value_and_grads(
+      lambda *a: full_attention(*a, jnp.asarray(seg), BLOCK), q, k, v, ct
+    )
+  want, g_want = full_value_and_grads(lambda *a: dense_causal_reference(*a, seg), q, k, v, ct)
+  assert_close(got, want, 1e-5, "out")
+  for name, a, b_ in zip("qkv", g_got, g_want, strict=True):
+    assert_close(a, b_, 1e-5, f"d{name}")
+
+
 def test_full_attention_bf16_inputs():
   """bf16 q/k/v: float32 softmax inside, output bf16, close to the float32 reference."""
-  l, h, kh = 19, 4, 2
-  rng = np.random.default_rng(11)
-  shapes = [(B, l, h, DH), (B, l, kh, DH), (B, l, kh, DH)]
-  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in shapes)
-  ct = jnp.asarray(rng.standard_normal((B, l, h, DH)), jnp.float32)
+  l = 19
+  q, k, v, ct = random_qkv_ct(l, 4, 2, seed=11, dtype=jnp.bfloat16)
   seg = packed_segments(l, True)
   got, g_got = full_value_and_grads(
     lambda *a: full_attention(*a, jnp.asarray(seg), BLOCK), q, k, v, ct

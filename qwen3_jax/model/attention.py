@@ -31,7 +31,7 @@ from qwen3_jax.model.sparse_attention import (
   spans,
   sparse_attention,
 )
-from qwen3_jax.sharding import constrain
+from qwen3_jax.sharding import active_mesh, check_batch, constrain, logical_to_spec
 
 
 def _blocks(l: int, block: int) -> list[tuple[int, int]]:
@@ -39,32 +39,36 @@ def _blocks(l: int, block: int) -> list[tuple[int, int]]:
   return [(s, min(s + block, l)) for s in range(0, l, block)]
 
 
+# The causal core works on "items": one (sequence, kv head) pair each, stacked along a leading
+# axis N. Layouts: queries qt [N, L, G, Dh] (the G query heads of the kv head folded into the
+# rows), keys transposed kt [N, Dh, L], values vt [N, L, Dh], segments [N, L] or None. Keys
+# are kept transposed, and the key/value gradients are accumulated transposed, because those
+# are the fast operand / output layouts of XLA:CPU's batched matmuls (a [.., S, Dh] output
+# contracting over query rows ran at ~60 GFLOP/s, its transpose at ~110).
+_F32 = dict(preferred_element_type=jnp.float32)
+
+
 def _block_logits(qt, kt, seg, start, end):
-  """Masked float32 logits of queries start..end-1 against keys 0..end-1: [B, K, Q, G, S]."""
-  logits = jnp.einsum(
-    "bkqgd,bksd->bkqgs", qt[:, :, start:end], kt[:, :, :end], preferred_element_type=jnp.float32
-  )
+  """Masked float32 logits of queries start..end-1 against keys 0..end-1: [N, Q, G, S]."""
+  logits = jnp.einsum("nqgd,nds->nqgs", qt[:, start:end], kt[..., :end], **_F32)
   mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]  # [1, Q, S]
   if seg is not None:
     mask = mask & (seg[:, start:end, None] == seg[:, None, :end])
-  return jnp.where(mask[:, None, :, None], logits, NEG_INF)  # the diagonal is always visible
+  return jnp.where(mask[:, :, None], logits, NEG_INF)  # the diagonal is always visible
 
 
 def _causal_forward(qt, kt, vt, seg, block):
-  """Blockwise causal attention: (out [B, K, L, G, Dh], list of lse [B, K, Q, G, 1] per block)."""
+  """Blockwise causal attention: (out [N, L, G, Dh], list of lse [N, Q, G, 1] per block)."""
   outs, lses = [], []
-  for start, end in _blocks(qt.shape[2], block):
+  for start, end in _blocks(qt.shape[1], block):
     logits = _block_logits(qt, kt, seg, start, end)
     row_max = logits.max(-1, keepdims=True)
     probs = jnp.exp(logits - row_max)
     denom = probs.sum(-1, keepdims=True)
     lses.append(row_max + jnp.log(denom))
-    pv = jnp.einsum(
-      "bkqgs,bksd->bkqgd", probs.astype(vt.dtype), vt[:, :, :end],
-      preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    pv = jnp.einsum("nqgs,nsd->nqgd", probs.astype(vt.dtype), vt[:, :end], **_F32)
     outs.append(pv / denom)
-  return jnp.concatenate(outs, axis=2).astype(qt.dtype), lses
+  return jnp.concatenate(outs, axis=1).astype(qt.dtype), lses
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -82,24 +86,25 @@ def _causal_attention_bwd(block, res, d_out):
   log-sum-exps, dS = P * (dP - rowsum(dO * O)) (no autodiff through the softmax)."""
   qt, kt, vt, seg, out, lses = res
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+  v_t = jnp.swapaxes(vt, 1, 2)  # [N, Dh, L]
+  k_n = jnp.swapaxes(kt, 1, 2)  # [N, L, Dh]
   dq = []
-  dk = jnp.zeros(kt.shape, jnp.float32)
-  dv = jnp.zeros(vt.shape, jnp.float32)
-  f32 = dict(preferred_element_type=jnp.float32)
-  for (start, end), lse in zip(_blocks(qt.shape[2], block), lses, strict=True):
-    probs = jnp.exp(_block_logits(qt, kt, seg, start, end) - lse)  # [B, K, Q, G, S]
-    d_blk = d_out[:, :, start:end]  # [B, K, Q, G, Dh]
-    dp = jnp.einsum("bkqgd,bksd->bkqgs", d_blk, vt[:, :, :end], **f32)
-    ds = probs * (dp - delta[:, :, start:end])
-    dq.append(jnp.einsum("bkqgs,bksd->bkqgd", ds.astype(kt.dtype), kt[:, :, :end], **f32))
-    dk = dk.at[:, :, :end].add(
-      jnp.einsum("bkqgs,bkqgd->bksd", ds.astype(qt.dtype), qt[:, :, start:end], **f32)
+  dkt = jnp.zeros(kt.shape, jnp.float32)  # [N, Dh, L], like kt
+  dvt = jnp.zeros(kt.shape, jnp.float32)  # [N, Dh, L], transposed from vt
+  for (start, end), lse in zip(_blocks(qt.shape[1], block), lses, strict=True):
+    probs = jnp.exp(_block_logits(qt, kt, seg, start, end) - lse)  # [N, Q, G, S]
+    d_blk = d_out[:, start:end]  # [N, Q, G, Dh]
+    dp = jnp.einsum("nqgd,nds->nqgs", d_blk, v_t[..., :end], **_F32)
+    ds = probs * (dp - delta[:, start:end])
+    dq.append(jnp.einsum("nqgs,nsd->nqgd", ds.astype(kt.dtype), k_n[:, :end], **_F32))
+    q_blk = qt[:, start:end]
+    dkt = dkt.at[..., :end].add(jnp.einsum("nqgd,nqgs->nds", q_blk, ds.astype(qt.dtype), **_F32))
+    dvt = dvt.at[..., :end].add(
+      jnp.einsum("nqgd,nqgs->nds", d_blk, probs.astype(d_out.dtype), **_F32)
     )
-    dv = dv.at[:, :, :end].add(
-      jnp.einsum("bkqgs,bkqgd->bksd", probs.astype(d_out.dtype), d_blk, **f32)
-    )
-  dq = jnp.concatenate(dq, axis=2)
-  return dq.astype(qt.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype), None
+  dq = jnp.concatenate(dq, axis=1)
+  dv = jnp.swapaxes(dvt, 1, 2)
+  return dq.astype(qt.dtype), dkt.astype(kt.dtype), dv.astype(vt.dtype), None
 
 
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
@@ -112,13 +117,15 @@ def full_attention(q, k, v, segment_ids=None, block=None):
   0 .. (i+1)*block - 1, so about half of the L x L logits are never computed. L need not be a
   multiple of `block` (the last block is shorter).
 
-  q/k/v are transposed once to head-major [B, K, L, G, Dh] / [B, K, L, Dh], so each block's
-  products are matmuls batched over (B, K) with the G query heads of a kv head folded into the
-  rows. A custom VJP keeps only q, k, v, the output and one log-sum-exp per query as
-  residuals (no [.., L, L] probabilities) and recomputes each block's probabilities in the
-  backward pass (flash-attention style). On XLA:CPU (small preset) the train step got ~4 %
-  faster and its compiled temporary memory 19 % smaller than with autodiff through saved
-  probabilities, although this core alone is slower in forward + backward (see README).
+  Every (sequence, kv head) pair is an independent item: q/k/v are transposed once to
+  item-major layouts with ONE batch dim (queries [N, L, G, Dh] with the G query heads of a kv
+  head folded into the rows, keys [N, Dh, L], values [N, L, Dh]); XLA:CPU ran the core's
+  batched matmuls faster over one merged batch dim than over (B, K). A custom VJP keeps only
+  q, k, v, the output and one log-sum-exp per query as residuals (no [.., L, L]
+  probabilities) and recomputes each block's probabilities in the backward pass
+  (flash-attention style). Under a mesh the core runs per device in
+  `shard_map` (batch over the data axes, kv heads over `tensor`), so merging B and K into
+  items never reshapes a sharded array.
 
   Args:
     q: [B, L, H, Dh] queries (already scaled, normed and rotated).
@@ -146,11 +153,32 @@ def full_attention(q, k, v, segment_ids=None, block=None):
   block = l if block is None else int(block)
   if block < 1:
     raise ValueError(f"full_attention: block must be >= 1, got {block}")
-  qt = q.reshape(b, l, kh, h // kh, dh).transpose(0, 2, 1, 3, 4)  # [B, K, L, G, Dh]
-  kt = k.transpose(0, 2, 1, 3)  # [B, K, L, Dh]
-  vt = v.transpose(0, 2, 1, 3)
-  out = _causal_attention(qt, kt, vt, segment_ids, block)  # [B, K, L, G, Dh]
-  return out.transpose(0, 2, 1, 3, 4).reshape(b, l, h, dh)
+
+  def local(q, k, v, seg):
+    b_loc, h_loc, kh_loc = q.shape[0], q.shape[2], k.shape[2]
+    n, g = b_loc * kh_loc, h_loc // kh_loc
+    qt = q.reshape(b_loc, l, kh_loc, g, dh).transpose(0, 2, 1, 3, 4).reshape(n, l, g, dh)
+    kt = k.transpose(0, 2, 3, 1).reshape(n, dh, l)
+    vt = v.transpose(0, 2, 1, 3).reshape(n, l, dh)
+    if seg is not None:
+      seg = jnp.broadcast_to(seg[:, None], (b_loc, kh_loc, l)).reshape(n, l)
+    out = _causal_attention(qt, kt, vt, seg, block)  # [N, L, G, Dh]
+    out = out.reshape(b_loc, kh_loc, l, g, dh).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b_loc, l, h_loc, dh)
+
+  mesh = active_mesh()
+  if mesh is None:
+    return local(q, k, v, segment_ids)
+  check_batch(b, mesh, "attention")
+  heads = logical_to_spec(("batch", None, "kv_heads", None))  # L whole: causal needs it
+  seg_spec = logical_to_spec(("batch", None))
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(heads, heads, heads, None if segment_ids is None else seg_spec),
+    out_specs=heads,
+    check_vma=False,
+  )(q, k, v, segment_ids)
 
 
 class Attention(nnx.Module):

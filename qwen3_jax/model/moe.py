@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.layers import param
-from qwen3_jax.sharding import BATCH_AXES, active_mesh
+from qwen3_jax.sharding import BATCH_AXES, active_mesh, check_batch
 
 # ----------------------------------------------------------------------------- routing
 
@@ -246,12 +246,7 @@ class MoE(nnx.Module):
     if mesh is None:
       y, aux = fn(x.reshape(b * l, d), mask, weights, reduce_axes=(), ep_axis=None)
       return y.reshape(b, l, d), aux
-    n_batch = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if b % n_batch:
-      raise ValueError(
-        f"MoE: batch {b} is not divisible by the data-parallel mesh axes "
-        f"{BATCH_AXES} (size {n_batch})"
-      )
+    check_batch(b, mesh, "MoE")
     tp = mesh.shape["tensor"]
     tok = P(BATCH_AXES, None)
     w_specs = (
