@@ -26,6 +26,7 @@ MESHES = {
   "data8": C.MeshConfig(data=8),
   "data2_expert4": C.MeshConfig(data=2, expert=4),
   "fsdp2_expert2_tensor2": C.MeshConfig(fsdp=2, expert=2, tensor=2),
+  "data2_fsdp4": C.MeshConfig(data=2, fsdp=4),
 }
 
 
@@ -154,6 +155,9 @@ def test_sharded_matches_one_device(data, expected, fused_grads, mesh_name):
   check(got, one, rel=1e-6, grad_rel=1e-6)
   check(got, expected)
   assert got[1][0].sharding.spec == shd.logical_to_spec(("batch", "seq", None))
+  if mesh_name == "data2_fsdp4":  # d_head reduce-scattered over fsdp: split like the head
+    assert got[1][1].sharding.spec[0] in ("fsdp", ("fsdp",))
+    assert got[1][1].addressable_shards[0].data.shape == (w.shape[0] // 4, w.shape[1])
   with shd.use_mesh(shd.make_mesh(C.MeshConfig(data=8))):
     with pytest.raises(ValueError, match="batch 4 is not divisible"):
       fused(h[:4], w, y[:4], wt[:4], Z)

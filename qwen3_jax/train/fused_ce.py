@@ -17,7 +17,9 @@ With a mesh `tensor` axis > 1 (the vocab is split over it) the plain path runs i
 [B, L, V] logits, vocab-parallel under the SPMD partitioner, autodiff gradient. Otherwise,
 under a mesh the tokens stay where they are: the chunk scan runs under `shard_map` over this
 device's tokens (batch split over the `batch` rule's mesh axes, the head replicated), and the
-loss sums and dhead are `psum`-ed once at the end, not per chunk.
+loss sums and dhead are reduced once at the end, not per chunk: dhead is reduce-scattered
+over `fsdp` (it leaves split like the head parameter) and all-reduced over the other data
+axes.
 
 Shape letters: B batch, L length, D embed, V vocab, T = B * L tokens, C chunk rows.
 """
@@ -135,23 +137,31 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _run(hidden, head, targets, weights, z_loss, chunk_size, *, grad):
-  """(loss, metrics tuple, (d_hidden, d_head, d_weights) or None): locally or under shard_map."""
+  """(loss, metrics tuple, (d_hidden, d_head, d_weights) or None): locally or under shard_map.
+
+  Under a mesh, d_head leaves split like the head's `embed` dim when that dim is split over
+  batch axes only (fsdp): those axes reduce-scatter it, the other batch axes all-reduce it, so
+  no device ever holds the summed full-size gradient.
+  """
   fn = functools.partial(_local, z_loss=z_loss, chunk_size=chunk_size, grad=grad)
   mesh = shd.active_mesh()
   if mesh is None:
-    return fn(hidden, head, targets, weights, reduce_axes=())
-  rule = shd.RULES["batch"]
-  batch_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
-  n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-  if hidden.shape[0] % n_batch:
-    raise ValueError(
-      f"fused_cross_entropy: batch {hidden.shape[0]} is not divisible by the data-parallel "
-      f"mesh axes {batch_axes} (size {n_batch})"
-    )
+    return fn(hidden, head, targets, weights, reduce_axes=(), scatter_axes=())
+  shd.check_batch(hidden.shape[0], mesh, "fused_cross_entropy")
+  batch_axes = _axes(shd.RULES["batch"])
+  embed_axes = tuple(a for a in _axes(shd.RULES["embed"]) if mesh.shape[a] > 1)
+  n_embed = math.prod(mesh.shape[a] for a in embed_axes)
+  scatter = (
+    embed_axes if set(embed_axes) <= set(batch_axes) and hidden.shape[-1] % n_embed == 0 else ()
+  )
   tok = P(batch_axes)  # [B, ...] split over the batch axes, the rest whole
-  grads_spec = (tok, P(), tok) if grad else None
+  grads_spec = (tok, P(scatter or None), tok) if grad else None
   return jax.shard_map(
-    functools.partial(fn, reduce_axes=batch_axes),
+    functools.partial(
+      fn,
+      reduce_axes=tuple(a for a in batch_axes if a not in scatter),
+      scatter_axes=scatter,
+    ),
     mesh=mesh,
     in_specs=(tok, P(), tok, tok),
     out_specs=(P(), P(), grads_spec),
@@ -159,8 +169,15 @@ def _run(hidden, head, targets, weights, z_loss, chunk_size, *, grad):
   )(hidden, head, targets, weights)
 
 
-def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_axes):
-  """The fused loss over this device's tokens; sums (and d_head) psum-ed over reduce_axes."""
+def _axes(rule) -> tuple[str, ...]:
+  return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
+def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_axes, scatter_axes):
+  """The fused loss over this device's tokens. The sums are psum-ed over reduce_axes and
+  scatter_axes; d_head is psum-ed over reduce_axes and reduce-scattered (dim 0) over
+  scatter_axes."""
+  all_axes = reduce_axes + scatter_axes
   b, l, d = hidden.shape
   v = head.shape[1]
   t = b * l
@@ -198,7 +215,7 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
       return None, chunk(*x)[0]
 
     _, sums = jax.lax.scan(body_fwd, None, xs)
-    sums = _psum(sums.sum(0), reduce_axes)
+    sums = _psum(sums.sum(0), all_axes)
     return sums[0], tuple(sums[1:]), None
 
   def body(d_head, x):
@@ -214,8 +231,11 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
 
   d_head0 = jnp.zeros((d, v), jnp.float32)
   d_head, (sums, rows, dh) = jax.lax.scan(body, d_head0, xs)
-  sums = _psum(sums.sum(0), reduce_axes)
-  d_head = _psum(d_head, reduce_axes).astype(head.dtype)
+  sums = _psum(sums.sum(0), all_axes)
+  d_head = _psum(d_head, reduce_axes)
+  if scatter_axes:
+    d_head = jax.lax.psum_scatter(d_head, scatter_axes, scatter_dimension=0, tiled=True)
+  d_head = d_head.astype(head.dtype)
   dh = dh.reshape(n * c, d)[:t].reshape(b, l, d)  # [B, L, D]
   d_weights = rows.reshape(n * c)[:t].reshape(b, l)  # [B, L]
   return sums[0], tuple(sums[1:]), (dh, d_head, d_weights)
