@@ -25,6 +25,10 @@ round between the calls, so under the same load).
 bfloat16 GEMM rate is printed for reference only (not used): on this machine it is about twice
 the float32 one.
 
+`minor_faults` = page faults per call: near 0 when freed memory is reused (the entry
+points tune glibc malloc, qwen3_jax/runtime.py), ~10^5 per step with glibc's defaults
+(`QWEN3_JAX_MALLOC=default`).
+
 `flops` is XLA's own count of the compiled program; XLA counts a `while` body (the layer
 scan) once, so for the scanned model it covers one layer of the stack, not all of them.
 """
@@ -32,6 +36,7 @@ scan) once, so for the scanned model it covers one layer of the stack, not all o
 from __future__ import annotations
 
 import os
+import resource
 
 # PyTorch's OpenMP threads busy-wait by default; on a loaded shared machine that makes the HF
 # reference several times slower than it is (measured here: 2 threads, 256 tokens, train step
@@ -181,6 +186,17 @@ def hf(cfg: C.ModelConfig, tokens, labels):
   return run_fwd, run_step
 
 
+def _count_faults(fn, out: list[int]):
+  """fn, also appending the process's minor page faults during each call to `out`."""
+
+  def counted():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+  return counted
+
+
 def run(flags) -> list[dict]:
   batch, seq_len = (2, 128) if flags.quick else (8, 512)
   print_load("at start")
@@ -205,6 +221,8 @@ def run(flags) -> list[dict]:
     if ref is not None:
       fns["hf_torch/forward"], fns["hf_torch/train"] = ref
     fns["gemm"] = gemm
+    faults = {key: [] for key in fns}
+    fns = {key: _count_faults(fn, faults[key]) for key, fn in fns.items()}
     times = time_interleaved(fns, repeats=flags.repeats, slow_s=300.0)
     # The GEMM peak under the same load as the calls it is compared with.
     peak = max(peak, 2.0 * GEMM_N**3 / float(np.min(times.pop("gemm"))))
@@ -228,6 +246,9 @@ def run(flags) -> list[dict]:
           flops=xla,
           model_flops=mflops,
           tokens_per_s=n_tok / seconds,
+          # Minor page faults per call (after the warm-up): memory the allocator gave back to
+          # the kernel and faulted in again (see qwen3_jax/runtime.py).
+          minor_faults=int(np.median(faults[key][1:] or faults[key])),
           num_experts=e,
           top_k=k,
           tokens=n_tok,
@@ -268,6 +289,7 @@ def run(flags) -> list[dict]:
       "vs_hf",
       "vs_hf_ceiling",
       "vs_fastest_peer_recorded",
+      "minor_faults",
     ],
   )
   for r in rows:
