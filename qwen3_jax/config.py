@@ -244,7 +244,12 @@ def tiny(**kw) -> ModelConfig:
 
 
 def small(**kw) -> ModelConfig:
-  """CPU benchmarks: vocab 8192, hidden 512, 4 layers, 8 q / 4 kv heads, E16 k2 F512."""
+  """CPU benchmarks: vocab 8192, hidden 512, 4 layers, 8 q / 4 kv heads, E16 k2 F512.
+
+  Layers unrolled (scan_layers=False): with 4 layers the scan's per-layer weight slices and
+  stacked residuals cost more than they save; the train step ran ~7 % faster on XLA:CPU and
+  compiled faster too (README, "Benchmarks").
+  """
   base = ModelConfig(
     vocab_size=8192,
     hidden_size=512,
@@ -258,6 +263,7 @@ def small(**kw) -> ModelConfig:
     num_experts=16,
     num_experts_per_tok=2,
     router_aux_loss_coef=0.01,
+    scan_layers=False,
   )
   return dataclasses.replace(base, **kw)
 
