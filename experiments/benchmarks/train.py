@@ -29,8 +29,9 @@ the float32 one.
 points tune glibc malloc, qwen3_jax/runtime.py), ~10^5 per step with glibc's defaults
 (`QWEN3_JAX_MALLOC=default`).
 
-`flops` is XLA's own count of the compiled program; XLA counts a `while` body (the layer
-scan) once, so for the scanned model it covers one layer of the stack, not all of them.
+`flops` is XLA's own count of the compiled program. XLA counts a `while` body once: `small`
+runs its layers unrolled, so the count covers all of them (for a scanned model it would cover
+one layer of the stack).
 """
 
 from __future__ import annotations
