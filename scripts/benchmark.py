@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwen3_jax.runtime import malloc_tuned, reexec_with_tuned_malloc  # noqa: E402
 
 if __name__ == "__main__":
-  reexec_with_tuned_malloc()  # Before JAX starts; see qwen3_jax/runtime.py.
+  # Before JAX starts. One device: tuned unless QWEN3_JAX_MALLOC=default.
+  reexec_with_tuned_malloc(by_default=True)
 
 from absl import app, flags  # noqa: E402
 

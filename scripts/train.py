@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwen3_jax.runtime import reexec_with_tuned_malloc  # noqa: E402
 
 if __name__ == "__main__":
-  reexec_with_tuned_malloc()  # Before JAX starts; see qwen3_jax/runtime.py.
+  # Before JAX starts. Only with QWEN3_JAX_MALLOC=tuned: one malloc arena slows multi-device
+  # runs (qwen3_jax/runtime.py).
+  reexec_with_tuned_malloc(by_default=False)
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, metrics).")

@@ -30,7 +30,7 @@ PROBE = textwrap.dedent(
   import ctypes, os, resource, sys
   sys.path.insert(0, {root!r})
   from qwen3_jax.runtime import reexec_with_tuned_malloc
-  reexec_with_tuned_malloc()
+  reexec_with_tuned_malloc(by_default={by_default})
   libc = ctypes.CDLL(None)
   libc.malloc.restype = ctypes.c_void_p
   libc.free.argtypes = [ctypes.c_void_p]
@@ -47,10 +47,10 @@ PROBE = textwrap.dedent(
 )
 
 
-def run_probe(tmp_path, **env):
+def run_probe(tmp_path, by_default=True, **env):
   script = tmp_path / "probe.py"
-  script.write_text(PROBE.format(root=ROOT))
-  full_env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
+  script.write_text(PROBE.format(root=ROOT, by_default=by_default))
+  full_env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.CHOICE)}
   out = subprocess.run(
     [sys.executable, "-u", str(script), "--x=1", "y"],
     env={**full_env, **env},
@@ -67,6 +67,20 @@ def test_reexec_sets_tunables_keeps_argv_and_stops_page_faults(tmp_path):
   assert runtime.malloc_tuned({"GLIBC_TUNABLES": tunables})
   assert argv == "['--x=1', 'y']"
   assert faults < 100  # the freed block was reused, not unmapped and faulted in again
-  tunables, argv, faults = run_probe(tmp_path, **{runtime.OPT_OUT: "default"})
+  tunables, argv, faults = run_probe(tmp_path, **{runtime.CHOICE: "default"})
   assert tunables == "" and argv == "['--x=1', 'y']"
   assert faults > 10_000  # glibc's defaults: a fresh mmap, 16k pages faulted in
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_training_entry_point_tunes_only_when_asked(tmp_path):
+  tunables, _, faults = run_probe(tmp_path, by_default=False)
+  assert tunables == "" and faults > 10_000
+  tunables, _, faults = run_probe(tmp_path, by_default=False, **{runtime.CHOICE: "tuned"})
+  assert runtime.malloc_tuned({"GLIBC_TUNABLES": tunables}) and faults < 100
+
+
+def test_bad_choice_raises(monkeypatch):
+  monkeypatch.setenv(runtime.CHOICE, "fast")
+  with pytest.raises(ValueError, match="QWEN3_JAX_MALLOC='fast'"):
+    runtime.reexec_with_tuned_malloc(by_default=True)
