@@ -247,8 +247,8 @@ def small(**kw) -> ModelConfig:
   """CPU benchmarks: vocab 8192, hidden 512, 4 layers, 8 q / 4 kv heads, E16 k2 F512.
 
   Layers unrolled (scan_layers=False): with 4 layers the scan's per-layer weight slices and
-  stacked residuals cost more than they save; the train step ran ~7 % faster on XLA:CPU and
-  compiled faster too (README, "Benchmarks").
+  stacked residuals cost more than they save; the train step ran 3-13 % faster on XLA:CPU,
+  for ~5 s more compile time (`scripts/benchmark.py --suite=layers`).
   """
   base = ModelConfig(
     vocab_size=8192,
