@@ -53,6 +53,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def rule_axes(name: str) -> tuple[str, ...]:
+  """The mesh axes a logical axis maps to, as a tuple (empty when replicated)."""
+  rule = RULES[name]
+  return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
 def logical_to_spec(axes: Axes) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec; a mesh axis may be used only once."""
   used: dict[str, str] = {}
@@ -64,7 +70,7 @@ def logical_to_spec(axes: Axes) -> PartitionSpec:
     if name not in RULES:
       raise KeyError(f"Logical axis {name!r} has no rule in qwen3_jax.sharding.RULES")
     mesh_axes = RULES[name]
-    for m in (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ()):
+    for m in rule_axes(name):
       if m in used:
         raise ValueError(
           f"Logical axes {used[m]!r} and {name!r} both map to mesh axis {m!r} in {tuple(axes)}"
@@ -149,12 +155,14 @@ def use_mesh(mesh: Mesh | None):
 
 
 def check_batch(batch: int, mesh, what: str) -> None:
-  """Raises (at trace time) when `batch` rows cannot be split over the data-parallel axes."""
-  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  """Raises (at trace time) when `batch` rows cannot be split over the data-parallel axes;
+  `what` starts the message (e.g. "MoE: batch")."""
+  sizes = [dict(mesh.shape).get(a, 1) for a in BATCH_AXES]
+  n = math.prod(sizes)
   if batch % n:
     raise ValueError(
-      f"{what}: batch {batch} is not divisible by the data-parallel mesh axes "
-      f"{BATCH_AXES} (size {n})"
+      f"{what} {batch} is not divisible by the data-parallel mesh axes {BATCH_AXES} "
+      f"(size {n}): " + " x ".join(map(str, sizes)) + " devices"
     )
 
 
@@ -181,12 +189,7 @@ def validate(cfg: ModelConfig, mesh: Mesh | None, batch_size: int | None = None)
         f"{name}={value} is not divisible by the mesh '{axis}' axis (size {s[axis]})"
       )
   if batch_size is not None:
-    n = int(np.prod([s.get(a, 1) for a in BATCH_AXES]))
-    if batch_size % n:
-      raise ValueError(
-        f"batch size {batch_size} is not divisible by the data-parallel mesh "
-        f"axes {BATCH_AXES} (size {n} = " + " x ".join(str(s.get(a, 1)) for a in BATCH_AXES) + ")"
-      )
+    check_batch(batch_size, mesh, "batch size")
 
 
 def describe(model: nnx.Module) -> list[tuple[str, tuple[int, ...], str, str]]:

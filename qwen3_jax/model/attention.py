@@ -169,7 +169,7 @@ def full_attention(q, k, v, segment_ids=None, block=None):
   mesh = active_mesh()
   if mesh is None:
     return local(q, k, v, segment_ids)
-  check_batch(b, mesh, "attention")
+  check_batch(b, mesh, "attention: batch")
   heads = logical_to_spec(("batch", None, "kv_heads", None))  # L whole: causal needs it
   seg_spec = logical_to_spec(("batch", None))
   return jax.shard_map(

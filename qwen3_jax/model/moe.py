@@ -246,7 +246,7 @@ class MoE(nnx.Module):
     if mesh is None:
       y, aux = fn(x.reshape(b * l, d), mask, weights, reduce_axes=(), ep_axis=None)
       return y.reshape(b, l, d), aux
-    check_batch(b, mesh, "MoE")
+    check_batch(b, mesh, "MoE: batch")
     tp = mesh.shape["tensor"]
     tok = P(BATCH_AXES, None)
     w_specs = (

@@ -147,9 +147,9 @@ def _run(hidden, head, targets, weights, z_loss, chunk_size, *, grad):
   mesh = shd.active_mesh()
   if mesh is None:
     return fn(hidden, head, targets, weights, reduce_axes=(), scatter_axes=())
-  shd.check_batch(hidden.shape[0], mesh, "fused_cross_entropy")
-  batch_axes = _axes(shd.RULES["batch"])
-  embed_axes = tuple(a for a in _axes(shd.RULES["embed"]) if mesh.shape[a] > 1)
+  shd.check_batch(hidden.shape[0], mesh, "fused_cross_entropy: batch")
+  batch_axes = shd.rule_axes("batch")
+  embed_axes = tuple(a for a in shd.rule_axes("embed") if mesh.shape[a] > 1)
   n_embed = math.prod(mesh.shape[a] for a in embed_axes)
   scatter = (
     embed_axes if set(embed_axes) <= set(batch_axes) and hidden.shape[-1] % n_embed == 0 else ()
@@ -167,10 +167,6 @@ def _run(hidden, head, targets, weights, z_loss, chunk_size, *, grad):
     out_specs=(P(), P(), grads_spec),
     check_vma=False,
   )(hidden, head, targets, weights)
-
-
-def _axes(rule) -> tuple[str, ...]:
-  return (rule,) if isinstance(rule, str) else tuple(rule or ())
 
 
 def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_axes, scatter_axes):
