@@ -43,8 +43,7 @@ def _blocks(l: int, block: int) -> list[tuple[int, int]]:
 # axis N. Layouts: queries qt [N, L, G, Dh] (the G query heads of the kv head folded into the
 # rows), keys transposed kt [N, Dh, L], values vt [N, L, Dh], segments [N, L] or None. Keys
 # are kept transposed, and the key/value gradients are accumulated transposed, because those
-# are the fast operand / output layouts of XLA:CPU's batched matmuls (a [.., S, Dh] output
-# contracting over query rows ran at ~60 GFLOP/s, its transpose at ~110).
+# were the faster operand / output layouts of XLA:CPU's batched matmuls in micro-benchmarks.
 _F32 = dict(preferred_element_type=jnp.float32)
 
 
