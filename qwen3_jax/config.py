@@ -9,10 +9,8 @@ Dh head dim, E experts, C capacity, F (expert) hidden, V vocab, T tokens (B*L).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
-Strategy = Literal["auto", "dense", "capacity", "dropless"]
-STRATEGIES = ("auto", "dense", "capacity", "dropless")
+STRATEGIES = ("auto", "dense", "dropless_blocks", "dropless_ragged", "capacity")
 ROUTINGS = ("topk", "topp")
 BALANCES = ("global", "sequence")
 REMATS = ("none", "full", "dots")
@@ -35,8 +33,11 @@ class MoEConfig:
   dynamic_loss_coef: float = 0.0  # Weight of the router-entropy loss (topp routing).
   router_z_loss_coef: float = 0.0  # Weight of the router z-loss (ST-MoE), logsumexp^2.
   balance: str = "global"  # Load-balance statistics over the "global" batch or per "sequence".
-  capacity_factor: float = 1.25  # capacity strategies: C = ceil(cf * tokens * k / E).
-  strategy: str = "auto"  # dense | capacity | dropless | auto (picked per backend).
+  # Dispatch (qwen3_jax/model/dispatch.py). "auto" = exact (dropless) on every platform:
+  # dropless_blocks on CPU, dropless_ragged on GPU/TPU. "dense" = every expert on every token
+  # (reference). "capacity" DROPS slots past C = ceil(capacity_factor * T * k / E) per expert.
+  strategy: str = "auto"
+  capacity_factor: float = 1.25  # capacity only.
 
   def __post_init__(self):
     _check_choice("moe.routing", self.routing, ROUTINGS)

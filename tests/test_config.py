@@ -113,8 +113,8 @@ def test_dict_round_trip(cfg):
 
 
 def test_from_dict_partial_uses_defaults():
-  cfg = C.from_dict({"hidden_size": 32, "moe": {"strategy": "dropless"}})
-  assert cfg.hidden_size == 32 and cfg.moe.strategy == "dropless"
+  cfg = C.from_dict({"hidden_size": 32, "moe": {"strategy": "dropless_blocks"}})
+  assert cfg.hidden_size == 32 and cfg.moe.strategy == "dropless_blocks"
   assert cfg.moe.top_p == MoEConfig().top_p and cfg.num_hidden_layers == 48
   with pytest.raises(TypeError, match="capacity"):
     C.from_dict({"moe": {"capacity": 2}})

@@ -138,7 +138,7 @@ def flat(tree):
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("strategy", ["auto", "dropless"])
+@pytest.mark.parametrize("strategy", ["auto", "dropless_ragged"])
 def test_sharded_logits_and_grads_match_one_device(outputs, strategy, mesh_name):
   out_1, grads_1 = outputs(strategy)
   out_n, grads_n = outputs(strategy, mesh_name)
@@ -233,7 +233,7 @@ def test_parameters_are_sharded_as_the_rules_say(models, mesh_name):
 # ----------------------------------------------------------------------------- causality
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dropless"])
+@pytest.mark.parametrize("strategy", ["auto", "dropless_ragged"])
 def test_causality_gradient_wrt_later_tokens_is_zero(models, strategy):
   """Distinct token ids everywhere, so row v of d logits[:, t] / d embedding belongs to
   exactly one (sequence, position): it must be exactly zero for positions after t and
@@ -264,7 +264,7 @@ def test_default_positions_restart_per_segment():
   np.testing.assert_array_equal(default_positions(tokens, None), [list(range(10))] * 2)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dropless"])
+@pytest.mark.parametrize("strategy", ["auto", "dropless_ragged"])
 def test_segment_isolation(models, strategy):
   """Row 0 packs [doc A (6) | doc B (10)]; row 1 changes doc B; rows 2 and 3 hold A and B
   alone, followed by padding. Each document's logits must not depend on the other one."""

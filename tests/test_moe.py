@@ -16,6 +16,7 @@ from numerics import assert_close
 
 from qwen3_jax import config as C
 from qwen3_jax.config import MeshConfig, MoEConfig
+from qwen3_jax.model import dispatch
 from qwen3_jax.model import moe as moe_lib
 from qwen3_jax.model.moe import MoE
 from qwen3_jax.sharding import make_mesh, use_mesh
@@ -41,7 +42,7 @@ ROUTINGS = {
   "topp": dict(routing="topp", top_p=0.5, max_experts=4),
   "topp_nonorm": dict(routing="topp", top_p=0.7, max_experts=3, norm_topk_prob=False),
 }
-STRATEGIES = ("dense", "capacity", "dropless")
+STRATEGIES = ("dense", "capacity", "dropless_blocks", "dropless_ragged")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -206,7 +207,7 @@ def test_strategy_matches_per_token_reference(data, results, routing, strategy):
   np.testing.assert_allclose(aux["load_balance_loss"], lb_global, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "dropless"])
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_strategy_matches_dense_outputs_and_gradients(results, routing, strategy):
   y_d, aux_d, (gw_d, gx_d) = results[(routing, "dense")]
@@ -235,10 +236,10 @@ def test_norm_topk_prob_false_keeps_raw_probabilities(data, results):
   assert ref_route(cfg_n, probs[0])[1].sum() == pytest.approx(1.0)
 
 
-def test_auto_strategy_per_backend():
-  assert moe_lib.resolve_strategy("auto", "cpu") == "capacity"
-  assert moe_lib.resolve_strategy("auto", "gpu") == "dropless"
-  assert moe_lib.resolve_strategy("auto", "tpu") == "dropless"
+def test_auto_strategy_per_platform():
+  assert moe_lib.resolve_strategy("auto", "cpu") == "dropless_blocks"
+  assert moe_lib.resolve_strategy("auto", "gpu") == "dropless_ragged"
+  assert moe_lib.resolve_strategy("auto", "tpu") == "dropless_ragged"
   assert moe_lib.resolve_strategy("dense", "gpu") == "dense"
 
 
@@ -360,6 +361,105 @@ def test_padding_in_every_strategy(data, strategy):
   np.testing.assert_allclose(aux["load_balance_loss"], lb_global, rtol=1e-5)
   lse = np.log(np.exp(logits).sum(-1))
   np.testing.assert_allclose(aux["router_z_loss"], np.mean(lse[mask] ** 2), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dropless
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_dropless_is_exact_when_every_token_picks_the_same_experts(on_mesh):
+  """Every token is forced to experts (0, 1): 32 slots each, 4x a balanced share, so the
+  blocked layout needs several blocks per expert and a capacity of 1.25 would drop 44 of the
+  64 slots. Default settings (`auto`) equal the per-token reference, outputs and gradients,
+  with nothing dropped; on the (data 2, expert 2, tensor 2) mesh all of a device group's slots
+  go to one device's experts, the worst case of the exchange's static bound."""
+  types = np.zeros(T, int)
+  w, x = forced_routing_inputs(types)
+  seg = np.ones((B, L), np.int32)
+  cot = np.random.default_rng(6).normal(size=(B, L, D)).astype(np.float32)
+  mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2)) if on_mesh else None
+  with use_mesh(mesh):
+    y, aux, (gw, gx) = jax.device_get(moe_grad(C.tiny(), w, x.reshape(B, L, D), seg, cot))
+    y_d, _, (gw_d, gx_d) = jax.device_get(
+      moe_grad(moe_cfg("dense"), w, x.reshape(B, L, D), seg, cot)
+    )
+  y_ref, _, _, routes = reference_moe(C.tiny(), w, x)
+  assert [r[0] for r in routes] == [[0, 1]] * T  # the forcing worked
+  assert_close(np.asarray(y).reshape(T, D), y_ref, what="dropless output")
+  assert float(aux["dropped_fraction"]) == 0.0
+  np.testing.assert_array_equal(aux["tokens_per_expert"], [T, T] + [0] * (E - 2))
+  assert_close(gx, gx_d, what="grad x")
+  for name in gw:
+    assert_close(gw[name], gw_d[name], what=f"grad {name}")
+  # The opt-in capacity strategy still drops, and counts it: C = ceil(1.25 * 32 * 2 / 8) = 10
+  # per expert (per device group of 8 tokens on the mesh: C = 3).
+  with use_mesh(mesh):
+    _, aux_c = moe_forward(moe_cfg("capacity", capacity_factor=1.25), w, x.reshape(B, L, D), seg)
+  kept = 2 * (3 * 4 if on_mesh else 10)
+  np.testing.assert_allclose(aux_c["dropped_fraction"], 1 - kept / (2 * T), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, experts, block", [(1, 16, 8), (8, 16, 8), (4096, 16, 128)])
+def test_block_size_follows_the_step(tokens, experts, block):
+  """Decode steps (a few tokens) get small blocks, training sizes 128-row blocks."""
+  assert dispatch.block_size(tokens * 2, experts) == block
+
+
+def test_block_bound_holds_for_any_routing():
+  """sum_e ceil(c_e / b) never exceeds the static block count, for random and extreme
+  per-expert counts (all slots on one expert, one slot per expert, ...)."""
+  rng = np.random.default_rng(0)
+  for _ in range(2000):
+    e = int(rng.integers(1, 65))
+    s = int(rng.integers(1, 4096))
+    b = int(rng.choice([1, 8, 32, 128]))
+    cuts = np.sort(rng.integers(0, s + 1, size=e - 1))
+    counts = np.diff(np.concatenate([[0], cuts, [s]]))
+    assert np.sum(-(-counts // b)) <= dispatch.num_blocks(s, e, b)
+  assert dispatch.num_blocks(64, 8, 8) == 8 + 8 - 1
+
+
+def test_blocks_with_large_blocks_match_dense():
+  """T = 512 tokens (b = 16 rows per block) under top-1 routing of 8 experts biased towards
+  expert 3: blocks equal the dense reference, outputs and gradients, and the reported rows
+  include exactly the padding to whole blocks."""
+  rng = np.random.default_rng(7)
+  w = random_weights(8)
+  cfg_kw = dict(num_experts_per_tok=1, norm_topk_prob=False)  # so the gate gets a gradient
+  x = rng.normal(size=(4, 128, D)).astype(np.float32)
+  x[..., 0] = 1.0  # a constant feature: the router's bias towards expert 3
+  w["gate"][0] = 0.0
+  w["gate"][0, 3] = 3.0
+  cot = rng.normal(size=x.shape).astype(np.float32)
+  seg = np.ones((4, 128), np.int32)
+  blocks = C.tiny(**cfg_kw)
+  dense = C.tiny(**cfg_kw, moe=MoEConfig(strategy="dense"))
+  y, aux, (gw, gx) = moe_grad(blocks, w, x, seg, cot)
+  y_d, _, (gw_d, gx_d) = moe_grad(dense, w, x, seg, cot)
+  assert_close(y, y_d, what="output")
+  assert_close(gx, gx_d, what="grad x")
+  for name in gw:
+    assert_close(gw[name], gw_d[name], what=f"grad {name}")
+  counts = np.asarray(aux["tokens_per_expert"])
+  b = dispatch.block_size(512, E)
+  assert b == 16 and counts.max() > 2 * counts.mean()  # biased, several blocks per expert
+  np.testing.assert_allclose(aux["expert_rows_ratio"], np.sum(-(-counts // b) * b) / 512)
+
+
+@pytest.mark.parametrize("platform, primitive", [("tpu", "ragged_dot"), ("gpu", "ragged_dot"),
+                                                 ("cpu", "while")])  # fmt: skip
+def test_auto_follows_the_platform_of_the_mesh(platform, primitive):
+  """Tracing for an abstract TPU or GPU mesh on this CPU host picks the accelerator path
+  (grouped matmul), as an ahead-of-time compile for a pod needs; a CPU mesh picks blocks."""
+  device = jax.sharding.AbstractDevice(device_kind=platform, num_cores=None, platform=platform)
+  mesh = jax.sharding.AbstractMesh(
+    (2, 1, 2, 2), ("data", "fsdp", "expert", "tensor"), abstract_device=device
+  )
+  w, x, _ = random_weights(0), np.zeros((B, L, D), np.float32), None
+  with jax.sharding.use_abstract_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(lambda w, x: _apply(C.tiny(), w, x, None))(w, x))
+  assert primitive in jaxpr
+  assert ("ragged_dot" in jaxpr) == (platform != "cpu")
 
 
 # ----------------------------------------------------------------------------- dynamic routing

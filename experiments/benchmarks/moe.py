@@ -8,8 +8,15 @@ the minimum is the least load-distorted estimate). The timed function is the gra
 sum(y * r) (r a fixed random cotangent) with respect to the input and all four MoE weights,
 i.e. one forward and one backward pass.
 
-Targets (issue 2): `auto`'s FLOPs within 1.3x of the ideal k/E fraction of the `dense`
-strategy's FLOPs, and `auto` at least 4x faster than `dense` at E=64, k=8.
+`auto` is the default, exact strategy (`dropless_blocks` on CPU); `capacity` (factor 1.25)
+drops tokens and is the speed reference. `dropless_ragged` (ragged_dot) is skipped where its
+compiled peak memory exceeds MAX_RUN_BYTES (E=64 on XLA:CPU).
+
+Targets: `auto` within 1.15x (E16k2) / 1.3x (E64k8) of `capacity`'s time; expert rows computed
+(routed + block padding, counted by the layer: `expert_rows_ratio`) within 1.15x of the routed
+rows; `auto` at least 4x faster than `dense` at E=64, k=8. FLOPs are reported against the
+analytic expert FLOPs (XLA's cost analysis counts a loop body once, so it cannot judge the
+blocked loop).
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ CASES = {  # name: (E, k, F)
   "E16k2": (16, 2, 512),
   "E64k8": (64, 8, 128),
 }
-STRATEGIES = ("dense", "capacity", "dropless", "auto")
-FLOPS_TARGET = 1.3  # auto FLOPs / (k/E * dense FLOPs)
+STRATEGIES = ("dense", "capacity", "dropless_ragged", "auto")
+VS_CAPACITY_TARGET = {"E16k2": 1.15, "E64k8": 1.3}  # auto seconds / capacity seconds
+ROWS_TARGET = 1.15  # expert rows computed / routed rows
 SPEEDUP_TARGET = 4.0  # dense seconds / auto seconds at E64k8
 MAX_RUN_BYTES = 12 * 2**30  # Cases whose compiled peak memory exceeds this are not run.
 
@@ -60,7 +68,7 @@ def fwd_bwd(cfg: C.ModelConfig, tokens: int, seed: int = 0):
 
   def step(params, x, r):
     (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, r)
-    return grads, aux["dropped_fraction"]
+    return grads, (aux["dropped_fraction"], aux["expert_rows_ratio"])
 
   return step, (params, x, r)
 
@@ -98,7 +106,7 @@ def run(flags) -> list[dict]:
     )
     for strategy, (_, _, flops, peak) in compiled.items():
       seconds = float(np.min(times[strategy]))
-      dropped = float(last[strategy][1])
+      dropped, rows_ratio = (float(v) for v in last[strategy][1])
       rows.append(
         dict(
           suite="moe",
@@ -115,6 +123,7 @@ def run(flags) -> list[dict]:
           hidden=d,
           tokens=tokens,
           dropped_fraction=dropped,
+          expert_rows_ratio=rows_ratio,
           samples=len(times[strategy]),
           peak_bytes=peak,
         )
@@ -131,6 +140,7 @@ def run(flags) -> list[dict]:
       "gflops_per_s",
       "tokens_per_s",
       "dropped_fraction",
+      "expert_rows_ratio",
       "peak_bytes",
     ],
   )
@@ -139,46 +149,29 @@ def run(flags) -> list[dict]:
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-  """Prints (and returns as JSON lines) whether the issue's two MoE targets pass."""
+  """Prints (and returns as JSON lines) whether the MoE targets pass."""
   by = {(r["case"], r["strategy"]): r for r in rows}
   checks = []
-  for case, (e, k, _) in CASES.items():
-    dense, auto = by[(case, "dense")], by[(case, "auto")]
-    ideal = dense["flops"] * k / e
-    ratio = auto["flops"] / ideal
-    checks.append(
-      dict(
-        suite="moe_target",
-        case=case,
-        target=f"auto flops <= {FLOPS_TARGET}x ideal k/E * dense (XLA-counted dense)",
-        value=ratio,
-        passed=bool(ratio <= FLOPS_TARGET),
-      )
+
+  def check(case, target, value, limit, info=False):
+    passed = None if info else bool(value <= limit)
+    checks.append(dict(suite="moe_target", case=case, target=target, value=value, passed=passed))
+
+  for case, (_, k, _) in CASES.items():
+    dense, cap, auto = by[(case, "dense")], by[(case, "capacity")], by[(case, "auto")]
+    limit = VS_CAPACITY_TARGET[case]
+    check(case, f"auto seconds <= {limit}x capacity", auto["seconds"] / cap["seconds"], limit)
+    check(
+      case, f"auto expert rows <= {ROWS_TARGET}x routed", auto["expert_rows_ratio"], ROWS_TARGET
     )
-    # The same against the analytic expert FLOPs of dense: 9 matmuls (3 forward, 6 backward)
-    # of 2*T*D*F per expert; XLA's count for dense comes out near 8 of them.
-    f_dim, tokens, d = auto["expert_hidden"], auto["tokens"], auto["hidden"]
-    analytic = 9 * 2 * tokens * k * d * f_dim
-    checks.append(
-      dict(
-        suite="moe_target",
-        case=case,
-        target=f"auto flops <= {FLOPS_TARGET}x ideal k/E * dense (analytic 9 x 2TDFE)",
-        value=auto["flops"] / analytic,
-        passed=bool(auto["flops"] / analytic <= FLOPS_TARGET),
-      )
-    )
+    # Analytic expert FLOPs: 9 matmuls (3 forward, 6 backward) of 2*T*D*F per routed slot;
+    # the blocked loop is counted once by XLA, so only the analytic count is meaningful.
+    analytic = 9 * 2 * auto["tokens"] * k * auto["hidden"] * auto["expert_hidden"]
+    check(case, "auto analytic expert GFLOP/s (info)", analytic / auto["seconds"] / 1e9, 0, True)
     speedup = dense["seconds"] / auto["seconds"]
-    checks.append(
-      dict(
-        suite="moe_target",
-        case=case,
-        target=f"auto >= {SPEEDUP_TARGET}x faster than dense"
-        + ("" if case == "E64k8" else " (info)"),
-        value=speedup,
-        passed=bool(speedup >= SPEEDUP_TARGET) if case == "E64k8" else None,
-      )
-    )
+    check(case, f"dense seconds / auto seconds >= {SPEEDUP_TARGET}", -speedup, -SPEEDUP_TARGET,
+          info=case != "E64k8")  # fmt: skip
+    checks[-1]["value"] = speedup
   for c in checks:
     verdict = {True: "PASS", False: "FAIL", None: "info"}[c["passed"]]
     print(f"target {c['case']}: {c['target']}: {c['value']:.3f} -> {verdict}")

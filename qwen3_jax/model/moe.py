@@ -8,24 +8,25 @@ Algorithm, per token x (all routing math in float32):
   3. Weights are the chosen probabilities, divided by their sum only if `norm_topk_prob`
      (HF order; with norm_topk_prob=False they are NOT renormalised).
   4. Dispatch: each active (token, expert) slot goes through that expert's SwiGLU; outputs are
-     summed with the weights. Strategies differ only in how slots meet experts:
-       dense     every expert on every token, weighted by a [T, E] combine matrix (reference);
-       capacity  sort slots by expert into [E, C, D] buffers, batched einsum, gather back;
-                 slots past capacity C = ceil(cf * T * k / E) are dropped and counted;
-       dropless  sort slots by expert, grouped matmul `jax.lax.ragged_dot`; nothing dropped.
-     With a mesh `expert` axis > 1 the layer runs under `shard_map`: `capacity` sends buffers
-     to the experts' devices with `all_to_all`; `dense` and `dropless` all-gather the expert
-     group's tokens and reduce-scatter the outputs.
+     summed with the weights. The strategies (`dispatch.py`) differ only in how slots meet
+     experts. The default `auto` is exact on every platform: `dropless_blocks` on CPU,
+     `dropless_ragged` (grouped matmul) on GPU/TPU, chosen from the devices of the mesh the
+     layer runs on (so an ahead-of-time compile for TPU from a CPU host gets the TPU path).
+     `dense` is the reference; `capacity` DROPS slots past a per-expert capacity (opt-in).
+     With a mesh `expert` axis > 1 the layer runs under `shard_map`: the exact strategies
+     all-gather the expert group's tokens, run the local experts and reduce-scatter the
+     outputs; `capacity` sends fixed-size buffers to the experts' devices with `all_to_all`.
   5. Aux losses: load balance L = E * sum_i f_i P_i with f_i the fraction of active slots sent
      to expert i and P_i the mean router probability, both over the global batch (summed over
      every data shard) or per sequence; router z-loss mean(logsumexp(logits)^2); dynamic
-     (entropy) loss mean(-sum P log P).
+     (entropy) loss mean(-sum P log P). Also reported: `dropped_fraction` (of the active
+     slots; 0 unless `capacity`) and `expert_rows_ratio` (expert rows multiplied, padding
+     included, per active slot; 1.0 = no wasted rows).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.model.dispatch import (
+  block_dispatch,
+  capacity,
+  capacity_dispatch,
+  dense_dispatch,
+  ragged_dispatch,
+  swiglu_experts,
+)
 from qwen3_jax.model.layers import param
 from qwen3_jax.sharding import BATCH_AXES, active_mesh, check_batch
 
@@ -110,112 +119,27 @@ def router_stats(
   }
 
 
-# ----------------------------------------------------------------------------- experts
+# ----------------------------------------------------------------------------- strategy
 
 
-# Experts at most this wide run gate and up as one [E, D, 2F] matmul: for narrow experts the
-# wider matmul is faster than two (XLA:CPU, E64 F128 C640 fwd+bwd: 1.24 s vs 1.49 s under the
-# same load) while the weight concatenation costs little; at F=512 it gains nothing.
-FUSE_GATE_UP_MAX_F = 256
+def target_platform() -> str:
+  """Platform of the devices the layer runs on: the active mesh's ("tpu" for an ahead-of-time
+  compile for a TPU topology on a CPU host), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
 
 
-def swiglu_experts(x, wg, wu, wd):
-  """Batched expert SwiGLU. x: [E, C, D]; wg, wu: [E, D, F]; wd: [E, F, D] -> [E, C, D]."""
-  if wg.shape[-1] <= FUSE_GATE_UP_MAX_F:
-    g, u = jnp.split(jnp.einsum("ecd,edf->ecf", x, jnp.concatenate([wg, wu], axis=-1)), 2, -1)
-  else:
-    g, u = jnp.einsum("ecd,edf->ecf", x, wg), jnp.einsum("ecd,edf->ecf", x, wu)
-  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, wd)
+def resolve_strategy(strategy: str, platform: str | None = None) -> str:
+  """`auto` -> the dropless strategy for the target platform (never a dropping one).
 
-
-def dense_dispatch(x, ids, weights, active, w, expert_offset=0):
-  """Every (local) expert on every token. x: [T, D]; w: local weights with E_loc experts."""
-  wg, wu, wd = w
-  e_loc = wg.shape[0]
-  combine = jnp.sum(
-    jax.nn.one_hot(ids - expert_offset, e_loc, dtype=x.dtype) * weights[..., None].astype(x.dtype),
-    axis=1,
-  )  # [T, E_loc]
-  h = jax.nn.silu(jnp.einsum("td,edf->tef", x, wg)) * jnp.einsum("td,edf->tef", x, wu)
-  return jnp.einsum("tef,efd,te->td", h, wd, combine)
-
-
-def _sort_slots(ids, active, num_experts):
-  """Sorts the T*k slots by expert (inactive last). Returns order, sorted ids, group starts."""
-  t, k = ids.shape
-  flat = jnp.where(active, ids, num_experts).T.reshape(-1)  # choice-major: 1st choices first
-  order = jnp.argsort(flat, stable=True)  # [S]
-  sorted_e = flat[order]
-  counts = jnp.bincount(flat, length=num_experts + 1)[:num_experts]  # [E]
-  starts = jnp.cumsum(counts) - counts
-  return order, sorted_e, counts, starts
-
-
-def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
-  """Slots per expert: ceil(factor * T * k / E), at least 1, at most T."""
-  return int(max(1, min(num_tokens, math.ceil(factor * num_tokens * k / num_experts))))
-
-
-def capacity_dispatch(x, ids, weights, active, num_experts, cap, expert_fn):
-  """Sort-and-gather into [E, C, D] buffers, run `expert_fn`, gather back.
-
-  Slots are ranked per expert first by choice (all 1st choices before 2nd) then by token, so
-  overflow drops the least important slots. Returns (y [T, D], dropped slot count).
-  """
-  t, k = ids.shape
-  order, sorted_e, counts, starts = _sort_slots(ids, active, num_experts)
-  token_of_sorted = order % t  # slot s = j * T + t
-  # Buffer slot (e, c) holds the c-th slot of expert e, if there is one.
-  src = starts[:, None] + jnp.arange(cap)[None, :]  # [E, C] index into sorted slots
-  filled = jnp.arange(cap)[None, :] < counts[:, None]  # [E, C]
-  src_tok = token_of_sorted[jnp.minimum(src, t * k - 1)]
-  buf = jnp.where(filled[..., None], x[src_tok], 0)  # [E, C, D]
-  out = expert_fn(buf).reshape(num_experts * cap, -1)  # [E*C, D]
-  # Destination of every original slot (t, j): row e * C + position, or dropped.
-  pos_sorted = jnp.arange(t * k) - starts[jnp.minimum(sorted_e, num_experts - 1)]
-  pos = jnp.zeros(t * k, jnp.int32).at[order].set(pos_sorted.astype(jnp.int32))
-  pos = pos.reshape(k, t).T  # [T, k]
-  keep = active & (pos < cap)
-  dest = jnp.where(keep, ids * cap + pos, 0)
-  y = jnp.einsum("tk,tkd->td", jnp.where(keep, weights, 0.0).astype(x.dtype), out[dest])
-  dropped = jnp.sum(active & ~keep)
-  return y, dropped
-
-
-def dropless_dispatch(x, ids, weights, active, w, expert_offset=0):
-  """Sort slots by expert and run grouped matmuls (`ragged_dot`) over the local experts.
-
-  Slots whose expert is not local (expert parallel) sort to the end, outside every group:
-  ragged_dot leaves those rows zero.
-  """
-  wg, wu, wd = w
-  t, k = ids.shape
-  e_loc = wg.shape[0]
-  local = ids - expert_offset
-  is_local = (local >= 0) & (local < e_loc) & active
-  order, _, counts, _ = _sort_slots(local, is_local, e_loc)
-  tok = order % t
-  xs = x[tok]  # [S, D]
-  g = jax.lax.ragged_dot(xs, wg, counts)
-  u = jax.lax.ragged_dot(xs, wu, counts)
-  out = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, counts)  # [S, D]
-  w_sorted = jnp.where(is_local, weights, 0.0).T.reshape(-1)[order].astype(x.dtype)
-  return jnp.zeros_like(x).at[tok].add(out * w_sorted[:, None])
-
-
-# ----------------------------------------------------------------------------- layer
-
-
-def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-  """`auto` -> the fastest correct strategy for the backend.
-
-  CPU: `capacity` (ragged_dot is 10-100x slower there than batched einsum over buffers);
-  GPU/TPU: `dropless` (grouped matmul, no drops).
+  CPU: `dropless_blocks` (XLA:CPU runs ragged_dot 10-100x slower than plain matmuls);
+  GPU/TPU: `dropless_ragged` (grouped matmul). Other strategies are returned unchanged.
   """
   if strategy != "auto":
     return strategy
-  backend = backend or jax.default_backend()
-  return "capacity" if backend == "cpu" else "dropless"
+  platform = platform or target_platform()
+  return "dropless_blocks" if platform == "cpu" else "dropless_ragged"
 
 
 class MoE(nnx.Module):
@@ -277,51 +201,55 @@ def _moe_local(x, mask, weights, *, cfg: ModelConfig, seq_len, reduce_axes, ep_a
   e = cfg.num_experts
   t = x.shape[0]
   logits = jnp.einsum("td,de->te", x.astype(jnp.float32), gate.astype(jnp.float32))
-  ids, rw, active, probs = route(logits, cfg)
+  ids, weight, active, probs = route(logits, cfg)
   aux = router_stats(logits, ids, active, probs, mask, e, cfg.moe.balance, seq_len, reduce_axes)
   active = active & mask[:, None]  # padding is not routed: it neither computes nor drops
-  rw = jnp.where(active, rw, 0.0)
+  weight = jnp.where(active, weight, 0.0)
   strategy = resolve_strategy(cfg.moe.strategy)
   w = (wg, wu, wd)
-  dropped = jnp.zeros((), jnp.float32)
-  if ep_axis is None:
-    if strategy == "dense":
-      y = dense_dispatch(x, ids, rw, active, w)
-    elif strategy == "dropless":
-      y = dropless_dispatch(x, ids, rw, active, w)
-    else:
-      cap = capacity(t, cfg.max_experts_per_token, e, cfg.moe.capacity_factor)
-      y, dropped = capacity_dispatch(
-        x, ids, rw, active, e, cap, lambda buf: swiglu_experts(buf, *w)
-      )
+  dropped = jnp.zeros((), jnp.int32)
+  if strategy == "capacity":
+    cap = capacity(t, cfg.max_experts_per_token, e, cfg.moe.capacity_factor)
+    expert_fn = functools.partial(swiglu_experts, wg=wg, wu=wu, wd=wd)
+    if ep_axis is not None:
+      expert_fn = functools.partial(_capacity_exchange, ep_axis=ep_axis, w=w)
+    y, dropped, rows = capacity_dispatch(x, ids, weight, active, e, cap, expert_fn)
   else:
-    n_ep = jax.lax.axis_size(ep_axis)
-    e_loc = e // n_ep
-    if strategy == "capacity":
-      cap = capacity(t, cfg.max_experts_per_token, e, cfg.moe.capacity_factor)
-
-      def exchange(buf):  # [E, C, D] by destination expert -> computed -> back
-        d = buf.shape[-1]
-        buf = buf.reshape(n_ep, e_loc, cap, d)
-        recv = jax.lax.all_to_all(buf, ep_axis, 0, 0, tiled=True)  # [n_ep(src), E_loc, C, D]
-        recv = recv.transpose(1, 0, 2, 3).reshape(e_loc, n_ep * cap, d)
-        out = swiglu_experts(recv, *w).reshape(e_loc, n_ep, cap, d).transpose(1, 0, 2, 3)
-        return jax.lax.all_to_all(out, ep_axis, 0, 0, tiled=True).reshape(e, cap, d)
-
-      y, dropped = capacity_dispatch(x, ids, rw, active, e, cap, exchange)
+    local = EXACT_DISPATCH[strategy]
+    if ep_axis is None:
+      y, rows = local(x, ids, weight, active, w)
     else:
-      # All-gather the expert group's tokens, run the local experts, reduce-scatter back.
-      offset = jax.lax.axis_index(ep_axis) * e_loc
-      gx, gids, grw, gact = (
-        jax.lax.all_gather(a, ep_axis, tiled=True) for a in (x, ids, rw, active)
-      )
-      local = dense_dispatch if strategy == "dense" else dropless_dispatch
-      gy = local(gx, gids, grw, gact, w, expert_offset=offset)
-      y = jax.lax.psum_scatter(gy, ep_axis, scatter_dimension=0, tiled=True)
+      # Exact exchange: all-gather the expert group's tokens and choices, run the local
+      # experts on the slots routed to them, reduce-scatter the outputs back.
+      offset = jax.lax.axis_index(ep_axis) * wg.shape[0]
+      group = [jax.lax.all_gather(a, ep_axis, tiled=True) for a in (x, ids, weight, active)]
+      y, rows = local(*group, w, expert_offset=offset)
+      y = jax.lax.psum_scatter(y, ep_axis, scatter_dimension=0, tiled=True)
   if tp_axis is not None:
     y = jax.lax.psum(y, tp_axis)  # experts' F dimension is split over `tensor`
+  dropped, rows = dropped.astype(jnp.float32), jnp.asarray(rows, jnp.float32)
   if reduce_axes:
-    dropped = jax.lax.psum(dropped, reduce_axes)
+    dropped, rows = jax.lax.psum((dropped, rows), reduce_axes)
   n_active = jnp.maximum(aux["tokens_per_expert"].sum(), 1.0)
-  aux["dropped_fraction"] = dropped.astype(jnp.float32) / n_active
+  aux["dropped_fraction"] = dropped / n_active
+  aux["expert_rows_ratio"] = rows / n_active
   return y.astype(x.dtype), aux
+
+
+def _capacity_exchange(buf, *, ep_axis, w):
+  """[E, C, D] buffers by destination expert -> experts' devices -> computed -> back."""
+  wg = w[0]
+  e_loc, (e, cap, d) = wg.shape[0], buf.shape
+  n_ep = e // e_loc
+  buf = buf.reshape(n_ep, e_loc, cap, d)
+  recv = jax.lax.all_to_all(buf, ep_axis, 0, 0, tiled=True)  # [n_ep(src), E_loc, C, D]
+  recv = recv.transpose(1, 0, 2, 3).reshape(e_loc, n_ep * cap, d)
+  out = swiglu_experts(recv, *w).reshape(e_loc, n_ep, cap, d).transpose(1, 0, 2, 3)
+  return jax.lax.all_to_all(out, ep_axis, 0, 0, tiled=True).reshape(e, cap, d)
+
+
+EXACT_DISPATCH = {
+  "dense": dense_dispatch,
+  "dropless_blocks": block_dispatch,
+  "dropless_ragged": ragged_dispatch,
+}

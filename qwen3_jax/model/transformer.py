@@ -31,6 +31,7 @@ AUX_SCALARS = (
   "router_z_loss",
   "dynamic_loss",
   "dropped_fraction",
+  "expert_rows_ratio",
   "experts_per_token",
 )
 # Per-expert statistics stacked over MoE layers: [num_moe_layers, E].

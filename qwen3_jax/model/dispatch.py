@@ -1,0 +1,279 @@
+"""MoE dispatch strategies: how routed (token, expert) slots meet the experts' SwiGLU.
+
+Every strategy takes this device's tokens x [T, D], the router's choices ids / weights /
+active [T, k] and the (local) expert weights, and returns y [T, D] = sum over active slots
+of weight * expert(x). They differ only in how slots are laid out for the matmuls:
+
+  dense            every expert on every token, weighted by a [T, E] combine matrix; the
+                   numerical reference (E/k times the routed FLOPs).
+  dropless_blocks  slots sorted by expert; each expert's group padded to a multiple of a block
+                   of b rows; a loop over the *used* blocks multiplies each by its expert's
+                   weights (read in place). Exact, static shapes, any backend; the CPU default.
+  dropless_ragged  slots sorted by expert, grouped matmuls with `jax.lax.ragged_dot`. Exact;
+                   the GPU/TPU default (XLA:CPU runs ragged_dot 10-100x slower than einsum).
+  capacity         slots sorted into [E, C, D] buffers, C = ceil(cf * T * k / E); slots past C
+                   are DROPPED (their output is zero) and counted. Opt-in only.
+
+Each returns (y [T, D], rows): `rows` is the number of expert rows actually multiplied
+(routed slots plus padding), so callers can report the work against the routed slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def swiglu_experts(x, wg, wu, wd):
+  """Batched expert SwiGLU. x: [E, C, D]; wg, wu: [E, D, F]; wd: [E, F, D] -> [E, C, D]."""
+  if wg.shape[-1] <= FUSE_GATE_UP_MAX_F:
+    g, u = jnp.split(jnp.einsum("ecd,edf->ecf", x, jnp.concatenate([wg, wu], axis=-1)), 2, -1)
+  else:
+    g, u = jnp.einsum("ecd,edf->ecf", x, wg), jnp.einsum("ecd,edf->ecf", x, wu)
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, wd)
+
+
+# Experts at most this wide run gate and up as one [.., D, 2F] matmul: for narrow experts one
+# wider matmul beats two (docs/moe.md); at F = 512 and above it gains nothing.
+FUSE_GATE_UP_MAX_F = 256
+
+
+def sort_slots(ids, active, num_experts):
+  """Sorts the T*k slots by expert, inactive slots last.
+
+  Slots are numbered choice-major (slot s = j * T + t: all first choices, then all second
+  choices), and the sort is stable, so within an expert first choices come first.
+
+  Returns:
+    order [S] slot number of each sorted position, counts [E] active slots per expert,
+    starts [E] sorted position of each expert's first slot.
+  """
+  flat = jnp.where(active, ids, num_experts).T.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  counts = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
+  return order, counts, jnp.cumsum(counts) - counts
+
+
+def local_choices(ids, active, expert_offset, num_local):
+  """Expert ids relative to this device's experts, and which slots are local and active."""
+  local = ids - expert_offset
+  return local, active & (local >= 0) & (local < num_local)
+
+
+def combine(weights, keep, out_rows, dtype):
+  """y [T, D] = sum_j weights[t, j] * out_rows[t, j] over kept slots; out_rows [T, k, D]."""
+  w = jnp.where(keep, weights, 0.0).astype(dtype)
+  return jnp.einsum("tk,tkd->td", w, out_rows)
+
+
+# ----------------------------------------------------------------------------- dense
+
+
+def dense_dispatch(x, ids, weights, active, w, expert_offset=0):
+  """Every (local) expert on every token. x: [T, D]; w = (wg, wu, wd) with E_loc experts."""
+  wg, wu, wd = w
+  e_loc = wg.shape[0]
+  local, keep = local_choices(ids, active, expert_offset, e_loc)
+  onehot = jax.nn.one_hot(jnp.where(keep, local, e_loc), e_loc, dtype=x.dtype)  # [T, k, E]
+  comb = jnp.einsum("tke,tk->te", onehot, jnp.where(keep, weights, 0.0).astype(x.dtype))
+  h = jax.nn.silu(jnp.einsum("td,edf->tef", x, wg)) * jnp.einsum("td,edf->tef", x, wu)
+  return jnp.einsum("tef,efd,te->td", h, wd, comb), x.shape[0] * e_loc
+
+
+# ----------------------------------------------------------------------------- capacity
+
+
+def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
+  """Slots per expert: ceil(factor * T * k / E), at least 1, at most T."""
+  return int(max(1, min(num_tokens, math.ceil(factor * num_tokens * k / num_experts))))
+
+
+def capacity_dispatch(x, ids, weights, active, num_experts, cap, expert_fn):
+  """Sort-and-gather into [E, C, D] buffers, run `expert_fn`, gather back. DROPS overflow.
+
+  Slots are ranked per expert first by choice (all 1st choices before 2nd) then by token, so
+  overflow drops the least important slots. Returns (y [T, D], dropped slot count, rows).
+  """
+  t, k = ids.shape
+  order, counts, starts = sort_slots(ids, active, num_experts)
+  token_of_sorted = order % t
+  src = starts[:, None] + jnp.arange(cap)[None, :]  # [E, C] index into sorted slots
+  filled = jnp.arange(cap)[None, :] < counts[:, None]  # [E, C]
+  src_tok = token_of_sorted[jnp.minimum(src, t * k - 1)]
+  buf = jnp.where(filled[..., None], x[src_tok], 0)  # [E, C, D]
+  out = expert_fn(buf).reshape(num_experts * cap, -1)  # [E*C, D]
+  pos = _position_in_group(order, ids, active, num_experts, starts)  # [T, k]
+  keep = active & (pos < cap)
+  dest = jnp.where(keep, ids * cap + pos, 0)
+  y = combine(weights, keep, out[dest], x.dtype)
+  return y, jnp.sum(active & ~keep), num_experts * cap
+
+
+def _position_in_group(order, ids, active, num_experts, starts):
+  """[T, k]: rank of each active slot within its expert's sorted group."""
+  t, k = ids.shape
+  flat = jnp.where(active, ids, num_experts).T.reshape(-1)
+  sorted_e = flat[order]
+  pos_sorted = jnp.arange(t * k) - starts[jnp.minimum(sorted_e, num_experts - 1)]
+  pos = jnp.zeros(t * k, jnp.int32).at[order].set(pos_sorted.astype(jnp.int32))
+  return pos.reshape(k, t).T
+
+
+# ----------------------------------------------------------------------------- ragged
+
+
+def ragged_dispatch(x, ids, weights, active, w, expert_offset=0):
+  """Sort slots by (local) expert and run grouped matmuls (`ragged_dot`). Exact.
+
+  Slots whose expert is not local (expert parallel) or inactive sort to the end, outside
+  every group: ragged_dot leaves those rows zero.
+  """
+  wg, wu, wd = w
+  t, k = ids.shape
+  e_loc = wg.shape[0]
+  local, keep = local_choices(ids, active, expert_offset, e_loc)
+  order, counts, _ = sort_slots(local, keep, e_loc)
+  tok = order % t
+  xs = x[tok]  # [S, D]
+  g = jax.lax.ragged_dot(xs, wg, counts)
+  u = jax.lax.ragged_dot(xs, wu, counts)
+  out = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, counts)  # [S, D]
+  w_sorted = jnp.where(keep, weights, 0.0).T.reshape(-1)[order].astype(x.dtype)
+  y = jnp.zeros_like(x).at[tok].add(out * w_sorted[:, None])
+  return y, jnp.sum(counts)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+MAX_BLOCK = 128  # rows per block at training sizes
+MIN_BLOCK = 8  # rows per block at decode sizes (a few tokens per step)
+
+
+def block_size(num_slots: int, num_experts: int) -> int:
+  """Rows per block b for `num_slots` routed slots over `num_experts` experts.
+
+  A power of two near a quarter of the mean group size, clamped to [MIN_BLOCK, MAX_BLOCK].
+  Padding costs about b/2 rows per hit expert, i.e. about E*b/(2*S) <= 1/8 of the routed rows
+  when b = S/(4E); at decode sizes (S/E < 1) each hit expert gets one small block, so a step
+  reads only the experts it uses, once.
+  """
+  target = max(1, num_slots // (4 * max(num_experts, 1)))
+  b = 1 << (target.bit_length() - 1)  # largest power of two <= target
+  return int(min(MAX_BLOCK, max(MIN_BLOCK, b)))
+
+
+def num_blocks(num_slots: int, num_experts: int, b: int) -> int:
+  """Static bound on blocks: sum_e ceil(c_e / b) <= ceil(S / b) + min(E, S) - 1."""
+  return max(1, -(-num_slots // b) + min(num_experts, num_slots) - 1)
+
+
+def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
+  """Dropless MoE with static shapes: sorted slots in per-expert blocks of b rows.
+
+  Layout: slots sorted by (local) expert; expert e's c_e slots fill ceil(c_e / b) blocks
+  (the last one padded with zero rows); blocks of all experts follow each other, so
+  NB = ceil(S / b) + E - 1 blocks bound every routing. Only the n_used = sum_e ceil(c_e / b)
+  blocks are computed (a loop with a dynamic trip count): the padding costs at most b - 1 rows
+  per hit expert and nothing else. Each block multiplies by its expert's weights read in place
+  (no [NB, D, F] gather of weights); a custom VJP runs the backward as the same loop,
+  accumulating each expert's weight gradient in place.
+
+  Args:
+    x: [T, D]; ids, weights, active: [T, k]; w = (wg [E_loc, D, F], wu, wd [E_loc, F, D]).
+    expert_offset: first global expert id held here (expert parallel), else 0.
+    block: rows per block; None = `block_size(T * k, E_loc)`.
+
+  Returns:
+    (y [T, D], rows computed = n_used * b).
+  """
+  wg, wu, wd = w
+  t, k = ids.shape
+  d = x.shape[-1]
+  e_loc = wg.shape[0]
+  s = t * k
+  b = block or block_size(s, e_loc)
+  nb = num_blocks(s, e_loc, b)
+  local, keep = local_choices(ids, active, expert_offset, e_loc)
+  order, counts, starts = sort_slots(local, keep, e_loc)
+  blocks_e = -(-counts // b)  # [E] blocks per expert
+  block_end = jnp.cumsum(blocks_e)
+  first_row = (block_end - blocks_e) * b  # [E] first padded row of each expert
+  n_used = block_end[-1]
+  # Padded row of each sorted slot; inactive / non-local slots get row nb * b (out of range).
+  sorted_e = jnp.where(keep, local, e_loc).T.reshape(-1)[order]
+  safe_e = jnp.minimum(sorted_e, e_loc - 1)
+  row_sorted = jnp.where(
+    sorted_e < e_loc, first_row[safe_e] + jnp.arange(s) - starts[safe_e], nb * b
+  )
+  row_token = jnp.full((nb * b,), t, jnp.int32).at[row_sorted].set(order % t, mode="drop")
+  xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token]  # [NB*b, D]
+  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(nb), side="right"), e_loc - 1)
+  wgu = jnp.concatenate([wg, wu], axis=-1)  # [E, D, 2F]
+  out = _expert_blocks(xs, wgu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
+  row_of_slot = jnp.zeros(s, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
+  row_of_slot = jnp.minimum(row_of_slot.reshape(k, t).T, nb * b - 1)  # [T, k]
+  return combine(weights, keep, out[row_of_slot], x.dtype), n_used * b
+
+
+def _block_forward(xs, wgu, wd, block_expert, n_used, b):
+  """Forward loop over the used blocks: (out [NB*b, D], gate/up activations [NB*b, 2F])."""
+  f2 = wgu.shape[-1]
+
+  def body(i, carry):
+    out, gu = carry
+    e = block_expert[i]
+    xb = jax.lax.dynamic_slice_in_dim(xs, i * b, b)  # [b, D]
+    gub = xb @ wgu[e]  # [b, 2F]
+    g, u = jnp.split(gub, 2, axis=-1)
+    ob = (jax.nn.silu(g) * u) @ wd[e]  # [b, D]
+    out = jax.lax.dynamic_update_slice_in_dim(out, ob, i * b, 0)
+    gu = jax.lax.dynamic_update_slice_in_dim(gu, gub, i * b, 0)
+    return out, gu
+
+  init = (jnp.zeros_like(xs), jnp.zeros((xs.shape[0], f2), xs.dtype))
+  return jax.lax.fori_loop(0, n_used, body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _expert_blocks(xs, wgu, wd, block_expert, n_used, b):
+  return _block_forward(xs, wgu, wd, block_expert, n_used, b)[0]
+
+
+def _expert_blocks_fwd(xs, wgu, wd, block_expert, n_used, b):
+  out, gu = _block_forward(xs, wgu, wd, block_expert, n_used, b)
+  return out, (xs, wgu, wd, block_expert, n_used, gu)
+
+
+def _expert_blocks_bwd(b, res, d_out):
+  """The forward loop transposed: per used block, dx rows and the expert's weight gradients
+  (accumulated in place, in float32), from the saved gate/up activations (no recompute)."""
+  xs, wgu, wd, block_expert, n_used, gu = res
+
+  def body(i, carry):
+    dxs, dwgu, dwd = carry
+    e = block_expert[i]
+    xb = jax.lax.dynamic_slice_in_dim(xs, i * b, b)  # [b, D]
+    g, u = jnp.split(jax.lax.dynamic_slice_in_dim(gu, i * b, b), 2, axis=-1)  # [b, F]
+    dob = jax.lax.dynamic_slice_in_dim(d_out, i * b, b)  # [b, D]
+    sig = jax.nn.sigmoid(g)
+    sg = g * sig  # silu(g)
+    dh = dob @ wd[e].T  # [b, F]
+    dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * sg], axis=-1)  # [b, 2F]
+    dxs = jax.lax.dynamic_update_slice_in_dim(dxs, dgu @ wgu[e].T, i * b, 0)
+    dwgu = dwgu.at[e].add(jnp.matmul(xb.T, dgu, preferred_element_type=jnp.float32))
+    dwd = dwd.at[e].add(jnp.matmul((sg * u).T, dob, preferred_element_type=jnp.float32))
+    return dxs, dwgu, dwd
+
+  f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+  init = (jnp.zeros_like(xs), f32(wgu.shape), f32(wd.shape))
+  dxs, dwgu, dwd = jax.lax.fori_loop(0, n_used, body, init)
+  return dxs, dwgu.astype(wgu.dtype), dwd.astype(wd.dtype), None, None
+
+
+_expert_blocks.defvjp(_expert_blocks_fwd, _expert_blocks_bwd)
