@@ -56,6 +56,29 @@ def test_cached_decode_equals_full_forward(pattern):
     assert sub0["k"].shape[2] == 6 and sub0["gk"].shape[2] == 2
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_default_moe_decode_equals_full_forward(batch):
+  """Default settings (`auto` MoE dispatch): a 6-token prefill then 1-token steps, where a
+  step routes only `batch` tokens, equal one full forward. A token-dropping dispatch fails this
+  (a step's per-expert capacity is tiny); top-1 routing makes collisions on an expert likely."""
+  cfg = C.tiny(num_experts_per_tok=1)
+  graphdef, state = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(3)))
+  toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (batch, 12)))
+
+  @jax.jit(compiler_options=FAST)
+  def forward(state, toks, cache):
+    out = nnx.merge(graphdef, state)(toks, cache=cache)
+    return out.logits, out.cache, out.aux["dropped_fraction"]
+
+  want, _, _ = forward(state, toks, None)
+  cache, got = init_cache(cfg, batch, 12), []
+  for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
+    logits, cache, dropped = forward(state, toks[:, a:b], cache)
+    assert float(dropped) == 0.0
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
+
+
 def test_global_token_changes_logits_and_bad_cache_args_raise():
   """The global tokens are live: zeroing their embedding changes later logits only."""
   cfg = _cfg(("sparse",))
