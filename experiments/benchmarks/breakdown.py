@@ -8,13 +8,13 @@ others (one call of each per round; `seconds` is the fastest round), with `per_s
 many of it one train step runs:
   lm_head_ce   fused LM head + cross entropy (`train/fused_ce.py`), value and grads of h, W;
   attention    one attention layer (q/k/v/o projections, QK-norm, RoPE, causal core);
-  moe          one MoE layer (router, capacity dispatch, experts, combine);
-  experts      the batched expert SwiGLU alone on its [E, C, D] capacity buffers;
+  moe          one MoE layer with the default dispatch (router, sort, experts, combine);
+  experts      the default's blocked expert SwiGLU loop alone, on the T*k routed rows laid out
+               as evenly filled blocks (no padding);
   adamw        one optax AdamW update of all parameters (donated, in place);
   train_step   the whole train step of the train suite, for reference.
 The parts' `seconds * per_step` add up to about the train step (norms, embedding and the
-residual adds are left out). `gflop_per_s` = model FLOPs of the part / seconds (experts:
-the FLOPs of the padded buffers, i.e. with the capacity factor).
+residual adds are left out). `gflop_per_s` = model FLOPs of the part / seconds.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from flax import nnx
 
 from experiments.benchmarks import train as train_suite
 from experiments.benchmarks.common import print_load, report, time_interleaved
-from qwen3_jax.model import Qwen3
+from qwen3_jax.model import Qwen3, dispatch
 from qwen3_jax.model.attention import Attention
-from qwen3_jax.model.moe import MoE, capacity, swiglu_experts
+from qwen3_jax.model.moe import MoE
 from qwen3_jax.train.fused_ce import fused_cross_entropy
 
 
@@ -56,10 +56,15 @@ def _parts(cfg, batch: int, seq_len: int):
   targets = jax.random.randint(keys[2], (batch, seq_len), 0, v)
   weights = jnp.full((batch, seq_len), 1.0 / t, jnp.float32)
   positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-  cap = capacity(t, k, e, cfg.moe.capacity_factor)
-  buf = jax.random.normal(keys[3], (e, cap, d), jnp.float32)
+  b = dispatch.block_size(t * k, e)
+  n_blocks = t * k // b  # evenly filled: each expert gets n_blocks / E whole blocks
+  rows = jax.random.normal(keys[3], (n_blocks * b, d), jnp.float32)
+  block_expert = jnp.arange(n_blocks, dtype=jnp.int32) * e // n_blocks
   moe = MoE(cfg, rngs=nnx.Rngs(0))
-  experts = (moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...])
+  wgu = jnp.concatenate([moe.gate_proj[...], moe.up_proj[...]], axis=-1)
+
+  def experts(rows, wgu, wd):
+    return dispatch.expert_blocks(rows, wgu, wd, block_expert, n_blocks, b)
 
   params = nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   tx = optax.adamw(train_suite.LEARNING_RATE, weight_decay=train_suite.WEIGHT_DECAY)
@@ -86,7 +91,7 @@ def _parts(cfg, batch: int, seq_len: int):
     "lm_head_ce": _grad_call(ce, x, head),
     "attention": _module_call(Attention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, positions)[0], x),
     "moe": _module_call(moe, lambda m, x: m(x)[0], x),
-    "experts": _grad_call(swiglu_experts, buf, *experts),
+    "experts": _grad_call(experts, rows, wgu, moe.down_proj[...]),
     "adamw": run_adamw,
     "train_step": run_step,
   }
@@ -96,7 +101,7 @@ def _parts(cfg, batch: int, seq_len: int):
     "lm_head_ce": 2 * t * d * v,
     "attention": attn,
     "moe": 2 * t * k * 3 * d * f + 2 * t * d * e,
-    "experts": 2 * e * cap * 3 * d * f,
+    "experts": 2 * t * k * 3 * d * f,
     "adamw": None,
     "train_step": train_suite.model_flops(cfg, batch, seq_len) / 3,
   }

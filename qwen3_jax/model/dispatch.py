@@ -215,7 +215,7 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
   xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token]  # [NB*b, D]
   block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(nb), side="right"), e_loc - 1)
   wgu = jnp.concatenate([wg, wu], axis=-1)  # [E, D, 2F]
-  out = _expert_blocks(xs, wgu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
+  out = expert_blocks(xs, wgu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
   row_of_slot = jnp.zeros(s, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
   row_of_slot = jnp.minimum(row_of_slot.reshape(k, t).T, nb * b - 1)  # [T, k]
   return combine(weights, keep, out[row_of_slot], x.dtype), n_used * b
@@ -241,16 +241,19 @@ def _block_forward(xs, wgu, wd, block_expert, n_used, b):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _expert_blocks(xs, wgu, wd, block_expert, n_used, b):
+def expert_blocks(xs, wgu, wd, block_expert, n_used, b):
+  """SwiGLU of the first n_used blocks of b rows of xs [NB*b, D], block i by expert
+  block_expert[i] (wgu [E, D, 2F] = gate and up side by side, wd [E, F, D]); rows of the other
+  blocks come out zero. -> [NB*b, D]."""
   return _block_forward(xs, wgu, wd, block_expert, n_used, b)[0]
 
 
-def _expert_blocks_fwd(xs, wgu, wd, block_expert, n_used, b):
+def expert_blocks_fwd(xs, wgu, wd, block_expert, n_used, b):
   out, gu = _block_forward(xs, wgu, wd, block_expert, n_used, b)
   return out, (xs, wgu, wd, block_expert, n_used, gu)
 
 
-def _expert_blocks_bwd(b, res, d_out):
+def expert_blocks_bwd(b, res, d_out):
   """The forward loop transposed: per used block, dx rows and the expert's weight gradients
   (accumulated in place, in float32), from the saved gate/up activations (no recompute)."""
   xs, wgu, wd, block_expert, n_used, gu = res
@@ -276,4 +279,4 @@ def _expert_blocks_bwd(b, res, d_out):
   return dxs, dwgu.astype(wgu.dtype), dwd.astype(wd.dtype), None, None
 
 
-_expert_blocks.defvjp(_expert_blocks_fwd, _expert_blocks_bwd)
+expert_blocks.defvjp(expert_blocks_fwd, expert_blocks_bwd)
