@@ -280,3 +280,102 @@ def expert_blocks_bwd(b, res, d_out):
 
 
 expert_blocks.defvjp(expert_blocks_fwd, expert_blocks_bwd)
+
+
+# ----------------------------------------------------------------------------- ragged exchange
+
+# The collective the ragged exchange uses; XLA:CPU does not implement it (tests substitute an
+# equivalent built from `all_to_all`).
+RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
+
+
+def ragged_exchange_dispatch(x, ids, weights, active, w, ep_axis):
+  """Expert parallel, exact: slots travel to their experts' devices and back with
+  `ragged_all_to_all`, and each device runs grouped matmuls over what it received.
+
+  1. Sort this device's active slots by global expert (so by destination device, then by
+     local expert); send each device its contiguous chunk.
+  2. A receiver gets its chunks source by source, each ordered by local expert; it permutes
+     them to expert-major order, runs `ragged_dot` per local expert, permutes back.
+  3. The outputs return along the reverse exchange into the senders' sorted order, and are
+     combined with the routing weights.
+  The receive buffer holds n_ep * T * k rows: the worst case, every slot of the expert group
+  routed to this device's experts, so nothing can overflow.
+
+  Args:
+    x: [T, D]; ids, weights, active: [T, k] (global expert ids); w = local expert weights
+    (wg [E_loc, D, F], wu, wd); ep_axis: the mesh axis the experts are split over.
+
+  Returns:
+    (y [T, D], rows multiplied on this device).
+  """
+  wg, wu, wd = w
+  t, k = ids.shape
+  s = t * k
+  e_loc = wg.shape[0]
+  n = jax.lax.axis_size(ep_axis)
+  me = jax.lax.axis_index(ep_axis)
+  order, counts, _ = sort_slots(ids, active, n * e_loc)  # counts [E] per global expert
+  send_sizes = counts.reshape(n, e_loc).sum(1).astype(jnp.int32)  # [n] rows to each device
+  input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
+  xs = x[order % t]  # [S, D] rows sorted by global expert
+
+  # What every device sends every other: sizes[src, dst]; per local expert: [src, dst, e].
+  sizes = jax.lax.all_gather(send_sizes, ep_axis)  # [n_src, n_dst]
+  recv_sizes = sizes[:, me]  # [n_src] rows from each source
+  output_offsets = (jnp.cumsum(sizes, axis=0) - sizes)[me]  # where my chunk lands, per dst
+  recv_counts = jax.lax.all_to_all(counts.reshape(n, e_loc), ep_axis, 0, 0, tiled=True)
+  r = n * s  # receive buffer rows
+  recv = RAGGED_ALL_TO_ALL(
+    xs, jnp.zeros((r, x.shape[1]), x.dtype), input_offsets, send_sizes,
+    output_offsets.astype(jnp.int32), recv_sizes, axis_name=ep_axis,
+  )  # fmt: skip
+
+  # Received rows are grouped (source, local expert); move them to (local expert, source).
+  group_sizes = recv_counts.reshape(-1)  # [n * E_loc], source-major
+  group_end = jnp.cumsum(group_sizes)
+  row = jnp.arange(r)
+  group = jnp.minimum(jnp.searchsorted(group_end, row, side="right"), n * e_loc - 1)
+  pos = row - (group_end - group_sizes)[group]
+  src, e = group // e_loc, group % e_loc
+  per_expert = recv_counts.sum(0)  # [E_loc]
+  expert_start = jnp.cumsum(per_expert) - per_expert
+  src_start = jnp.cumsum(recv_counts, axis=0) - recv_counts  # [n, E_loc]
+  valid = row < group_end[-1]
+  dest = jnp.where(valid, expert_start[e] + src_start[src, e] + pos, r)
+  xe = jnp.zeros_like(recv).at[dest].set(recv, mode="drop")
+  g = jax.lax.ragged_dot(xe, wg, per_expert)
+  u = jax.lax.ragged_dot(xe, wu, per_expert)
+  out_e = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, per_expert)  # [R, D]
+  out = jnp.where(valid[:, None], out_e[jnp.minimum(dest, r - 1)], 0)  # back to recv order
+
+  # Reverse exchange: each source's rows return to where it took them from.
+  back_offsets = jax.lax.all_to_all(input_offsets, ep_axis, 0, 0, tiled=True)
+  recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+  back = RAGGED_ALL_TO_ALL(
+    out, jnp.zeros_like(xs), recv_offsets, recv_sizes, back_offsets, send_sizes,
+    axis_name=ep_axis,
+  )  # fmt: skip
+  rows_of_slot = jnp.zeros(s, jnp.int32).at[order].set(jnp.arange(s, dtype=jnp.int32))
+  rows_of_slot = rows_of_slot.reshape(k, t).T  # [T, k] sorted row of each slot
+  return combine(weights, active, back[rows_of_slot], x.dtype), jnp.sum(per_expert)
+
+
+def emulated_ragged_all_to_all(
+  operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
+  """`ragged_all_to_all` semantics from a dense `all_to_all` of padded chunks, for tests on
+  XLA:CPU (which lacks the real collective). Moves n x the operand's rows: tests only."""
+  n = jax.lax.axis_size(axis_name)
+  rows, d = operand.shape[0], operand.shape[1:]
+  idx = jnp.arange(rows)
+  # chunks[j] = my slice for device j, padded to `rows`; its destination offset rides along.
+  src = input_offsets[:, None] + idx[None, :]  # [n, rows]
+  keep = idx[None, :] < send_sizes[:, None]
+  chunks = jnp.where(keep.reshape(n, rows, *([1] * len(d))), operand[jnp.minimum(src, rows - 1)], 0)
+  got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [n_src, rows, ...]
+  where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # [n_src]
+  dst = jnp.where(
+    idx[None, :] < recv_sizes[:, None], where[:, None] + idx[None, :], output.shape[0]
+  )
+  return output.at[dst.reshape(-1)].set(got.reshape(n * rows, *d), mode="drop")

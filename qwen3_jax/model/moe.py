@@ -13,9 +13,12 @@ Algorithm, per token x (all routing math in float32):
      `dropless_ragged` (grouped matmul) on GPU/TPU, chosen from the devices of the mesh the
      layer runs on (so an ahead-of-time compile for TPU from a CPU host gets the TPU path).
      `dense` is the reference; `capacity` DROPS slots past a per-expert capacity (opt-in).
-     With a mesh `expert` axis > 1 the layer runs under `shard_map`: the exact strategies
-     all-gather the expert group's tokens, run the local experts and reduce-scatter the
-     outputs; `capacity` sends fixed-size buffers to the experts' devices with `all_to_all`.
+     With a mesh `expert` axis > 1 the layer runs under `shard_map`. Exchanges (all exact but
+     `capacity`): `dropless_ragged` on GPU/TPU sends each slot to its expert's device and back
+     with `ragged_all_to_all`; the other exact strategies (and every strategy on CPU, where
+     XLA lacks ragged_all_to_all) all-gather the expert group's tokens, run the local
+     experts and reduce-scatter the outputs; `capacity` sends fixed [E, C, D] buffers with
+     `all_to_all`. Buffer sizes and bytes moved per layer: README, "Expert parallelism".
   5. Aux losses: load balance L = E * sum_i f_i P_i with f_i the fraction of active slots sent
      to expert i and P_i the mean router probability, both over the global batch (summed over
      every data shard) or per sequence; router z-loss mean(logsumexp(logits)^2); dynamic
@@ -40,6 +43,7 @@ from qwen3_jax.model.dispatch import (
   capacity_dispatch,
   dense_dispatch,
   ragged_dispatch,
+  ragged_exchange_dispatch,
   swiglu_experts,
 )
 from qwen3_jax.model.layers import param
@@ -218,6 +222,8 @@ def _moe_local(x, mask, weights, *, cfg: ModelConfig, seq_len, reduce_axes, ep_a
     local = EXACT_DISPATCH[strategy]
     if ep_axis is None:
       y, rows = local(x, ids, weight, active, w)
+    elif strategy == "dropless_ragged" and target_platform() != "cpu":
+      y, rows = ragged_exchange_dispatch(x, ids, weight, active, w, ep_axis)
     else:
       # Exact exchange: all-gather the expert group's tokens and choices, run the local
       # experts on the slots routed to them, reduce-scatter the outputs back.
