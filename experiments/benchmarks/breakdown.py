@@ -61,10 +61,9 @@ def _parts(cfg, batch: int, seq_len: int):
   rows = jax.random.normal(keys[3], (n_blocks * b, d), jnp.float32)
   block_expert = jnp.arange(n_blocks, dtype=jnp.int32) * e // n_blocks
   moe = MoE(cfg, rngs=nnx.Rngs(0))
-  wgu = jnp.concatenate([moe.gate_proj[...], moe.up_proj[...]], axis=-1)
 
-  def experts(rows, wgu, wd):
-    return dispatch.expert_blocks(rows, wgu, wd, block_expert, n_blocks, b)
+  def experts(rows, wg, wu, wd):
+    return dispatch.expert_blocks(rows, wg, wu, wd, block_expert, n_blocks, b)
 
   params = nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   tx = optax.adamw(train_suite.LEARNING_RATE, weight_decay=train_suite.WEIGHT_DECAY)
@@ -91,7 +90,7 @@ def _parts(cfg, batch: int, seq_len: int):
     "lm_head_ce": _grad_call(ce, x, head),
     "attention": _module_call(Attention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, positions)[0], x),
     "moe": _module_call(moe, lambda m, x: m(x)[0], x),
-    "experts": _grad_call(experts, rows, wgu, moe.down_proj[...]),
+    "experts": _grad_call(experts, rows, moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...]),
     "adamw": run_adamw,
     "train_step": run_step,
   }

@@ -17,6 +17,9 @@ Targets: `auto` within 1.15x (E16k2) / 1.3x (E64k8) of `capacity`'s time; expert
 rows; `auto` at least 4x faster than `dense` at E=64, k=8. FLOPs are reported against the
 analytic expert FLOPs (XLA's cost analysis counts a loop body once, so it cannot judge the
 blocked loop).
+
+Decode rows (`moe_decode`): the forward of one E16 k2 layer on 1, 8 and 32 tokens (one decode
+step of that many rows), `auto` against `dense` and `capacity`, fastest of >= 20 calls.
 """
 
 from __future__ import annotations
@@ -71,6 +74,37 @@ def fwd_bwd(cfg: C.ModelConfig, tokens: int, seed: int = 0):
     return grads, (aux["dropped_fraction"], aux["expert_rows_ratio"])
 
   return step, (params, x, r)
+
+
+DECODE_TOKENS = (1, 8, 32)  # tokens of one decode step (= batch rows)
+DECODE_STRATEGIES = ("dense", "capacity", "auto")
+
+
+def decode_rows(repeats: int) -> list[dict]:
+  """Forward of one E16 k2 F512 MoE layer (D = 512) on a decode step's few tokens: the exact
+  default against `dense` (no sort, every expert) and `capacity` (which drops here)."""
+  rows = []
+  for t in DECODE_TOKENS:
+    calls, last = {}, {}
+    for strategy in DECODE_STRATEGIES:
+      layer = MoE(moe_config(16, 2, 512, 512, strategy), rngs=nnx.Rngs(0))
+      graphdef, params = nnx.split(layer)
+      x = jax.random.normal(jax.random.key(t), (t, 1, 512), jnp.float32)  # [B=T, L=1, D]
+
+      def fwd(params, x, graphdef=graphdef):
+        y, aux = nnx.merge(graphdef, params)(x)
+        return y, aux["dropped_fraction"]
+
+      fn = jax.jit(fwd).lower(params, x).compile()
+      calls[strategy] = functools.partial(_call, fn, (params, x), last, strategy)
+    times = time_interleaved(calls, repeats=max(repeats, 20))
+    for strategy, samples in times.items():
+      rows.append(
+        dict(suite="moe_decode", tokens=t, strategy=strategy, seconds=float(np.min(samples)),
+             dropped_fraction=float(last[strategy][1]))
+      )  # fmt: skip
+  report(rows, ["tokens", "strategy", "seconds", "dropped_fraction"])
+  return rows
 
 
 def _call(fn, args, last, name):
@@ -145,7 +179,7 @@ def run(flags) -> list[dict]:
     ],
   )
   check_targets(rows)
-  return rows
+  return rows + decode_rows(repeats)
 
 
 def check_targets(rows: list[dict]) -> list[dict]:

@@ -214,52 +214,64 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
   row_token = jnp.full((nb * b,), t, jnp.int32).at[row_sorted].set(order % t, mode="drop")
   xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token]  # [NB*b, D]
   block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(nb), side="right"), e_loc - 1)
-  wgu = jnp.concatenate([wg, wu], axis=-1)  # [E, D, 2F]
-  out = expert_blocks(xs, wgu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
+  out = expert_blocks(xs, wg, wu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
   row_of_slot = jnp.zeros(s, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
   row_of_slot = jnp.minimum(row_of_slot.reshape(k, t).T, nb * b - 1)  # [T, k]
   return combine(weights, keep, out[row_of_slot], x.dtype), n_used * b
 
 
-def _block_forward(xs, wgu, wd, block_expert, n_used, b):
+def _gate_up(xb, wg, wu, e):
+  """xb [b, D] times expert e's gate and up weights -> [b, 2F] (gate | up).
+
+  Narrow experts run one matmul against the two weights side by side (their slices are
+  concatenated per block: copying the whole [E, D, 2F] per call would cost more than a decode
+  step's work); wide ones run two.
+  """
+  if wg.shape[-1] <= FUSE_GATE_UP_MAX_F:
+    return xb @ jnp.concatenate([wg[e], wu[e]], axis=-1)
+  return jnp.concatenate([xb @ wg[e], xb @ wu[e]], axis=-1)
+
+
+def _block_forward(xs, wg, wu, wd, block_expert, n_used, b):
   """Forward loop over the used blocks: (out [NB*b, D], gate/up activations [NB*b, 2F])."""
-  f2 = wgu.shape[-1]
 
   def body(i, carry):
     out, gu = carry
     e = block_expert[i]
     xb = jax.lax.dynamic_slice_in_dim(xs, i * b, b)  # [b, D]
-    gub = xb @ wgu[e]  # [b, 2F]
+    gub = _gate_up(xb, wg, wu, e)  # [b, 2F]
     g, u = jnp.split(gub, 2, axis=-1)
     ob = (jax.nn.silu(g) * u) @ wd[e]  # [b, D]
     out = jax.lax.dynamic_update_slice_in_dim(out, ob, i * b, 0)
     gu = jax.lax.dynamic_update_slice_in_dim(gu, gub, i * b, 0)
     return out, gu
 
-  init = (jnp.zeros_like(xs), jnp.zeros((xs.shape[0], f2), xs.dtype))
+  init = (jnp.zeros_like(xs), jnp.zeros((xs.shape[0], 2 * wg.shape[-1]), xs.dtype))
   return jax.lax.fori_loop(0, n_used, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def expert_blocks(xs, wgu, wd, block_expert, n_used, b):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def expert_blocks(xs, wg, wu, wd, block_expert, n_used, b):
   """SwiGLU of the first n_used blocks of b rows of xs [NB*b, D], block i by expert
-  block_expert[i] (wgu [E, D, 2F] = gate and up side by side, wd [E, F, D]); rows of the other
-  blocks come out zero. -> [NB*b, D]."""
-  return _block_forward(xs, wgu, wd, block_expert, n_used, b)[0]
+  block_expert[i] (wg, wu [E, D, F], wd [E, F, D]); rows of the other blocks come out zero.
+  -> [NB*b, D]."""
+  return _block_forward(xs, wg, wu, wd, block_expert, n_used, b)[0]
 
 
-def expert_blocks_fwd(xs, wgu, wd, block_expert, n_used, b):
-  out, gu = _block_forward(xs, wgu, wd, block_expert, n_used, b)
-  return out, (xs, wgu, wd, block_expert, n_used, gu)
+def _expert_blocks_fwd(xs, wg, wu, wd, block_expert, n_used, b):
+  out, gu = _block_forward(xs, wg, wu, wd, block_expert, n_used, b)
+  return out, (xs, wg, wu, wd, block_expert, n_used, gu)
 
 
-def expert_blocks_bwd(b, res, d_out):
+def _expert_blocks_bwd(b, res, d_out):
   """The forward loop transposed: per used block, dx rows and the expert's weight gradients
   (accumulated in place, in float32), from the saved gate/up activations (no recompute)."""
-  xs, wgu, wd, block_expert, n_used, gu = res
+  xs, wg, wu, wd, block_expert, n_used, gu = res
+  f = wg.shape[-1]
+  f32 = dict(preferred_element_type=jnp.float32)
 
   def body(i, carry):
-    dxs, dwgu, dwd = carry
+    dxs, dwg, dwu, dwd = carry
     e = block_expert[i]
     xb = jax.lax.dynamic_slice_in_dim(xs, i * b, b)  # [b, D]
     g, u = jnp.split(jax.lax.dynamic_slice_in_dim(gu, i * b, b), 2, axis=-1)  # [b, F]
@@ -267,19 +279,28 @@ def expert_blocks_bwd(b, res, d_out):
     sig = jax.nn.sigmoid(g)
     sg = g * sig  # silu(g)
     dh = dob @ wd[e].T  # [b, F]
-    dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * sg], axis=-1)  # [b, 2F]
-    dxs = jax.lax.dynamic_update_slice_in_dim(dxs, dgu @ wgu[e].T, i * b, 0)
-    dwgu = dwgu.at[e].add(jnp.matmul(xb.T, dgu, preferred_element_type=jnp.float32))
-    dwd = dwd.at[e].add(jnp.matmul((sg * u).T, dob, preferred_element_type=jnp.float32))
-    return dxs, dwgu, dwd
+    dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * sg
+    if f <= FUSE_GATE_UP_MAX_F:
+      dgu = jnp.concatenate([dg, du], axis=-1)  # [b, 2F]
+      dxb = dgu @ jnp.concatenate([wg[e], wu[e]], axis=-1).T
+      dw = jnp.matmul(xb.T, dgu, **f32)  # [D, 2F]
+      dwg_e, dwu_e = dw[:, :f], dw[:, f:]
+    else:
+      dxb = dg @ wg[e].T + du @ wu[e].T
+      dwg_e, dwu_e = jnp.matmul(xb.T, dg, **f32), jnp.matmul(xb.T, du, **f32)
+    dxs = jax.lax.dynamic_update_slice_in_dim(dxs, dxb, i * b, 0)
+    dwg = dwg.at[e].add(dwg_e)
+    dwu = dwu.at[e].add(dwu_e)
+    dwd = dwd.at[e].add(jnp.matmul((sg * u).T, dob, **f32))
+    return dxs, dwg, dwu, dwd
 
-  f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
-  init = (jnp.zeros_like(xs), f32(wgu.shape), f32(wd.shape))
-  dxs, dwgu, dwd = jax.lax.fori_loop(0, n_used, body, init)
-  return dxs, dwgu.astype(wgu.dtype), dwd.astype(wd.dtype), None, None
+  zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+  init = (jnp.zeros_like(xs), zeros(wg.shape), zeros(wu.shape), zeros(wd.shape))
+  dxs, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
+  return dxs, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), None, None
 
 
-expert_blocks.defvjp(expert_blocks_fwd, expert_blocks_bwd)
+expert_blocks.defvjp(_expert_blocks_fwd, _expert_blocks_bwd)
 
 
 # ----------------------------------------------------------------------------- ragged exchange
