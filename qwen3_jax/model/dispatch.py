@@ -213,7 +213,9 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
   )
   row_token = jnp.full((nb * b,), t, jnp.int32).at[row_sorted].set(order % t, mode="drop")
   xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token]  # [NB*b, D]
-  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(nb), side="right"), e_loc - 1)
+  block_expert = jnp.minimum(
+    jnp.searchsorted(block_end, jnp.arange(nb), side="right", method="compare_all"), e_loc - 1
+  )
   out = expert_blocks(xs, wg, wu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
   row_of_slot = jnp.zeros(s, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
   row_of_slot = jnp.minimum(row_of_slot.reshape(k, t).T, nb * b - 1)  # [T, k]
@@ -356,7 +358,7 @@ def ragged_exchange_dispatch(x, ids, weights, active, w, ep_axis):
   group_sizes = recv_counts.reshape(-1)  # [n * E_loc], source-major
   group_end = jnp.cumsum(group_sizes)
   row = jnp.arange(r)
-  group = jnp.minimum(jnp.searchsorted(group_end, row, side="right"), n * e_loc - 1)
+  group = jnp.minimum(jnp.searchsorted(group_end, row, side="right", method="sort"), n * e_loc - 1)
   pos = row - (group_end - group_sizes)[group]
   src, e = group // e_loc, group % e_loc
   per_expert = recv_counts.sum(0)  # [E_loc]
