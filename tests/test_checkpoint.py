@@ -118,7 +118,7 @@ def next_loss8(reference):
   """The loss of step 2N+1 on the 8-device mesh the checkpoint was written on."""
   cfg, d, _ = reference
   wd = os.path.join(d, "ref")
-  _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog8 = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(wd, save_every=0) as ck:
     s8, step = loop.initial_state(prog8, ck, data, print)
@@ -130,7 +130,7 @@ def test_restore_onto_other_mesh(reference, next_loss8, ndev, mesh):
   cfg, d, ref = reference
   wd = os.path.join(d, "ref")
   cfg = dataclasses.replace(cfg, mesh=mesh)
-  _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, shd.make_mesh(mesh, jax.devices()[:ndev]))
   with ckpt.Checkpointer(wd, save_every=0) as ck:
     state, step = loop.initial_state(prog, ck, data, print)
@@ -161,7 +161,7 @@ def test_corrupt_checkpoint_skipped(reference, caplog):
         open(os.path.join(dirpath, name), "w").close()
   model, mcfg = ckpt.load_params(wd)  # params-only restore falls back to step N too
   assert mcfg == cfg.model
-  _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(wd, save_every=0) as ck:
     state, step = loop.initial_state(prog, ck, data, print)
@@ -193,7 +193,7 @@ def test_params_only_roundtrip(tmp_path):
 
 def test_init_from_loads_params_only(reference, tmp_path):
   cfg, d, ref = reference
-  _, data, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(str(tmp_path / "new"), save_every=0) as ck:
     state, step = loop.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))

@@ -41,7 +41,12 @@ class NonFiniteError(RuntimeError):
 
 
 def build_data(cfg: TrainConfig, workdir: str, printer=print):
-  """(tokenizer, train Batches, eval Batches or None). A trained tokenizer is saved in workdir."""
+  """(tokenizer, train Batches, eval Batches or None, PackStats).
+
+  A tokenizer trained here is saved in workdir. Documents are packed whole (`pipeline.pack`);
+  how many were dropped or split and the packing efficiency are printed here and written to
+  the metrics by `train`.
+  """
   dcfg = cfg.data
   docs = pipeline.read_documents(dcfg, cfg.seed)
   saved = os.path.join(workdir, "tokenizer.json")
@@ -65,7 +70,14 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
       f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size={cfg.model.vocab_size}"
     )
   ids, loss, doc = pipeline.tokenize(docs, tok)
-  rows = pipeline.pack(ids, loss, doc, cfg.seq_len)
+  rows, stats = pipeline.pack(
+    ids,
+    loss,
+    doc,
+    cfg.seq_len,
+    split_long=dcfg.loss_on == "all",
+    max_docs_per_row=dcfg.max_docs_per_row,
+  )
   train_rows, eval_rows = pipeline.split_rows(rows, dcfg.eval_fraction)
   kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train = pipeline.Batches(train_rows, cfg.batch_size, seed=cfg.seed, **kw)
@@ -73,10 +85,18 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
   if cfg.eval_every and len(eval_rows["inputs"]) >= cfg.batch_size:
     evals = pipeline.Batches(eval_rows, cfg.batch_size, seed=0, shuffle=False, **kw)
   printer(
-    f"data: {len(ids):,} tokens -> {train.num_rows:,} train rows, "
-    f"{len(eval_rows['inputs'])} eval rows of {cfg.seq_len} tokens"
+    f"data: {len(ids):,} tokens in {stats.documents:,} documents -> {train.num_rows:,} train "
+    f"rows, {len(eval_rows['inputs'])} eval rows of {cfg.seq_len} tokens; packing efficiency "
+    f"{stats.efficiency:.1%}"
   )
-  return tok, train, evals
+  if stats.dropped:
+    printer(
+      f"WARNING: dropped {stats.dropped:,} of {stats.documents:,} documents longer than a row "
+      f"(seq_len + 1 = {cfg.seq_len + 1} tokens): loss_on=assistant never splits a conversation"
+    )
+  if stats.split:
+    printer(f"data: split {stats.split:,} documents longer than a row across rows")
+  return tok, train, evals, stats
 
 
 def to_global(local: dict, prog: Program) -> dict:
@@ -171,7 +191,7 @@ def train(
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(cfg), f, indent=2)
-  tok, data, evals = build_data(cfg, workdir, printer)
+  tok, data, evals, data_stats = build_data(cfg, workdir, printer)
   prog = make_program(cfg, mesh)
   ck = ckpt.Checkpointer(
     workdir,
@@ -181,6 +201,7 @@ def train(
   )
   state, start = initial_state(prog, ck, data, printer, cfg.init_from)
   writer = MetricsWriter(workdir, cfg.num_steps, printer)
+  writer.write(start, data_stats.metrics(), prefix="data")
   preempted = []
   old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   tokens_seen, t_log, steps_since = 0.0, time.time(), 0
@@ -238,6 +259,7 @@ def train(
     "skipped_steps": int(state.skipped),
     "wall_s": round(time.time() - writer.t_start, 1),
     "tokens": tokens_seen,
+    "data": data_stats.metrics(),
   }
   if evals is not None:
     summary["final_eval_ce"] = evaluate(prog, state.params, evals, cfg.eval_batches)
