@@ -172,6 +172,38 @@ def test_corrupt_checkpoint_skipped(reference, caplog):
   assert any("cannot be restored" in r.getMessage() for r in caplog.records)
 
 
+def _snapshot(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def test_config_change_stops_without_touching_the_checkpoints(reference):
+  cfg, d, _ = reference
+  wd = os.path.join(d, "changed")
+  shutil.copytree(os.path.join(d, "ref"), wd)
+  before = _snapshot(wd)
+  with open(os.path.join(wd, "checkpoints", str(2 * N), "meta", "metadata")) as f:
+    assert json.load(f)["train"]["optim"]["clip_norm"] == 1.0  # the whole config is stored
+  changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, clip_norm=0.0))
+  with pytest.raises(ckpt.CheckpointMismatchError) as e:
+    loop.train(changed, wd, printer=lambda *_: None)
+  msg = str(e.value)
+  assert "optim.clip_norm: 1.0 in the checkpoint -> 0.0 now" in msg
+  assert "opt_state/opt/" in msg and "Nothing was moved" in msg
+  assert "optim.lr" not in msg  # only the fields that differ
+  assert _snapshot(wd) == before  # checkpoints, config.json, metrics: byte for byte
+  assert not os.path.exists(os.path.join(wd, "checkpoints_corrupt"))
+  # The packing statistics of the run that wrote it are in its metrics.
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    first = json.loads(f.readline())
+  assert first["step"] == 0 and 0.5 < first["data/packing_efficiency"] <= 1
+
+
 def test_params_only_roundtrip(tmp_path):
   from flax import nnx
 

@@ -2,7 +2,10 @@
 checkpoints, metrics, preemption, and a greedy sample at the end.
 
 `train(cfg, workdir)` resumes from the newest readable checkpoint in `workdir`, else starts
-from `cfg.init_from` (params only) or from scratch. Every process of a multi-process run calls
+from `cfg.init_from` (params only) or from scratch. A checkpoint whose state no longer fits the
+config (e.g. `optim.clip_norm` turned off changes the optimizer state) stops the run with an
+error naming the changed fields; nothing in `workdir` is moved, and `WORKDIR/config.json` is
+rewritten only once the start state is settled. Every process of a multi-process run calls
 it; each feeds its own slice of every global batch.
 """
 
@@ -117,17 +120,22 @@ def initial_state(
   """Newest readable checkpoint, else init (+ params from `init_from`). Returns (state, step)."""
   target = prog.abstract_state()
   opt_target = {"opt": target.opt_state, "step": target.step, "skipped": target.skipped}
+  config = dataclasses.asdict(prog.cfg)
   restored = ck.restore_latest(
     target.params,
     opt_target,
     on_skip=lambda s, why: printer(f"WARNING: checkpoint {s} unreadable, skipped ({why})"),
-  )
+    config=config,
+  )  # a checkpoint that does not fit this config raises ckpt.CheckpointMismatchError
   if restored is not None:
-    step, params, opt, data_state, _ = restored
+    step, params, opt, data_state, meta = restored
     data.set_state(data_state)
     state = TrainState(opt["step"], params, opt["opt"], opt["skipped"], jnp.zeros((), jnp.int32))
     state = jax.device_put(state, prog.state_shardings)
     printer(f"resumed from {ck.root}/{step}")
+    changed = ckpt.config_diff(meta["train"], config) if "train" in meta else []
+    if changed:
+      printer("config changed since the checkpoint:\n  " + "\n  ".join(changed))
     return state, step
   state = prog.init()
   if init_from:
@@ -146,7 +154,12 @@ def save(ck, state: TrainState, step: int, data, cfg: TrainConfig, force=False) 
   if not (force or ck.should_save(step)):
     return False  # decided before `int(state.skipped)`, which would wait for the device
   opt = {"opt": state.opt_state, "step": state.step, "skipped": state.skipped}
-  meta = {"model": to_dict(cfg.model), "step": step, "skipped": int(state.skipped)}
+  meta = {
+    "model": to_dict(cfg.model),
+    "train": dataclasses.asdict(cfg),  # resume diffs it against the config of the day
+    "step": step,
+    "skipped": int(state.skipped),
+  }
   return ck.save(step, state.params, opt, data.get_state(), meta, force=force)
 
 
@@ -188,9 +201,6 @@ def train(
   printer = printer if jax.process_index() == 0 else (lambda *_: None)
   mesh = shd.make_mesh(cfg.mesh)
   printer(f"workdir {workdir}; mesh {dict(mesh.shape)}; {jax.process_count()} process(es)")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2)
   tok, data, evals, data_stats = build_data(cfg, workdir, printer)
   prog = make_program(cfg, mesh)
   ck = ckpt.Checkpointer(
@@ -199,7 +209,13 @@ def train(
     keep=cfg.keep_checkpoints,
     async_save=cfg.async_checkpoint,
   )
-  state, start = initial_state(prog, ck, data, printer, cfg.init_from)
+  try:
+    state, start = initial_state(prog, ck, data, printer, cfg.init_from)
+  except BaseException:
+    ck.close()
+    raise
+  # Only now: a resume that fails (e.g. CheckpointMismatchError) leaves config.json as it was.
+  ckpt._write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
   writer = MetricsWriter(workdir, cfg.num_steps, printer)
   writer.write(start, data_stats.metrics(), prefix="data")
   preempted = []
