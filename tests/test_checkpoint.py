@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -219,6 +220,10 @@ def test_params_only_roundtrip(tmp_path):
     m2, cfg2 = ckpt.load_params(str(tmp_path / "p"), mesh)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, as_np(nnx.state(m2, nnx.Param).to_pure_dict()), ref)
+  # Overrides take dtypes as JAX users write them; the restore casts to the new storage dtype.
+  m3, cfg3 = ckpt.load_params(str(tmp_path / "p"), None, param_dtype=jnp.bfloat16)
+  assert cfg3.param_dtype == "bfloat16" and cfg3 == cfg.replace(param_dtype="bfloat16")
+  assert {a.dtype for a in jax.tree.leaves(nnx.state(m3, nnx.Param))} == {jnp.dtype("bfloat16")}
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     ckpt.load_params(str(tmp_path))
 

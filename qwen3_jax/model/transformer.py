@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.config import ModelConfig
+from qwen3_jax.config import ModelConfig, canonical_dtype
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.kv_cache import KVCache
@@ -264,7 +264,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
   period = layer_period(cfg)
-  dtype = jnp.dtype(dtype or cfg.dtype)
+  dtype = jnp.dtype(cfg.dtype if dtype is None else canonical_dtype(dtype, "init_cache dtype"))
   layers = tuple(
     kv_cache.init_layer_cache(
       cfg, cfg.attention.kind_of_layer(j), batch, max_len, cfg.num_hidden_layers // period, dtype
