@@ -142,25 +142,23 @@ def tree_diff(stored: dict, wanted: dict, limit: int = 6) -> list[str]:
 
 
 def _flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out = {}
-    for k, v in d.items():
-      out.update(_flatten_config(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+  """{"optim.clip_norm": 1.0, ...} of a nested JSON-like dict."""
+  if not isinstance(d, dict):
+    return {prefix[:-1]: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten_config(v, f"{prefix}{k}."))
+  return out
 
 
 def config_diff(stored: dict, now: dict) -> list[str]:
   """`field: stored -> now` for every (dotted) config field that differs."""
-  a, b = (
-    _flatten_config(json.loads(json.dumps(stored))),
-    _flatten_config(json.loads(json.dumps(now))),
-  )
-  missing = object()
+  a, b = (_flatten_config(json.loads(json.dumps(d))) for d in (stored, now))  # tuples -> lists
+  show = lambda d, k: repr(d[k]) if k in d else "(absent)"  # noqa: E731
   return [
-    f"{k}: {a.get(k, '(absent)')!r} in the checkpoint -> {b.get(k, '(absent)')!r} now"
+    f"{k}: {show(a, k)} in the checkpoint -> {show(b, k)} now"
     for k in sorted(set(a) | set(b))
-    if a.get(k, missing) != b.get(k, missing)
+    if k not in a or k not in b or a[k] != b[k]
   ]
 
 
