@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -127,6 +128,15 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   tuples are lists and named tuples dicts) and on targets alike."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {_path_str(p): tuple(leaf.shape) for p, leaf in leaves}
+
+
+def _stored_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
+  """`_shapes` of a saved pytree item, from its metadata only (no array data is read)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return _shapes(handler.metadata(epath.Path(item_dir)))
+  finally:
+    handler.close()
 
 
 def tree_diff(stored: dict, wanted: dict, limit: int = 6) -> list[str]:
@@ -327,11 +337,7 @@ class Checkpointer:
       step_dir = os.path.join(self.root, str(step))
       try:
         meta = _read_meta(step_dir)
-        with ocp.StandardCheckpointer() as reader:
-          stored = {
-            name: _shapes(reader.metadata(os.path.join(step_dir, name)).item_metadata.tree)
-            for name in (PARAMS, OPT)
-          }
+        stored = {name: _stored_shapes(os.path.join(step_dir, name)) for name in (PARAMS, OPT)}
       except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
         self._skip(step, e, on_skip)
         continue
