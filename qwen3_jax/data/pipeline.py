@@ -7,7 +7,7 @@ free space fits it most tightly; ties by corpus order, so the result is determin
 at most `max_docs_per_row` documents per row when that is > 0, and padding at the end of rows.
 A document longer than a row:
   * loss_on="all" (pretraining): is cut into pieces of L + 1 tokens that overlap by one token
-    (piece k = tokens [kL, kL + L + 1)), so each token is a target exactly once; full pieces
+    (piece k = tokens [kL, kL + L + 1)), so every next-token pair is trained once; full pieces
     fill rows of their own and the tail is packed like a document; positions restart at 0
     in each piece.
   * loss_on="assistant" (SFT): is dropped (a conversation is never trained without its
@@ -325,7 +325,7 @@ class Batches:
     if state.get("num_rows") != self.num_rows or state.get("seed") != self.seed:
       raise ValueError(
         f"checkpointed data state {state} does not match this data (num_rows={self.num_rows}, "
-        f"seed={self.seed}): the corpus, tokenizer or seq_len changed since the checkpoint"
+        f"seed={self.seed}): the corpus, tokenizer, seq_len or packing changed since the checkpoint"
       )
     self.step = int(state["step"])
 
