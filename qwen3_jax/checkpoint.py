@@ -4,7 +4,8 @@ Training checkpoints live in `WORKDIR/checkpoints/<step>/` with four items:
   params     the model parameters (a nested dict of arrays, as `nnx.State.to_pure_dict()`)
   opt_state  {"opt": optax state, "step": int32, "skipped": int32} (the rest of TrainState)
   data       JSON: the data pipeline's state (enough to continue exactly where it stopped)
-  meta       JSON: {"model": ModelConfig as a dict, "step": int, ...}
+  meta       JSON: {"model": ModelConfig as a dict, "train": the whole training config as a
+             dict (when the loop gives it), "step": int, ...}
 
 A params-only checkpoint (`save_params` / `load_params`, used by HF conversion and by
 `init_from`) is a directory with `params/` (same format) and `config.json` (the ModelConfig).
@@ -13,8 +14,12 @@ stage can start from any earlier run.
 
 Restores take abstract targets whose shardings come from the *current* mesh, so a checkpoint
 written on one mesh restores onto any other (orbax reshards on read). Saves are asynchronous
-and collective (every process calls them). A checkpoint that fails to restore is moved aside to
-`checkpoints_corrupt/` (never deleted) with a warning and the previous one is used.
+and collective (every process calls them). On resume a checkpoint whose stored tree (array
+paths and shapes, read from its metadata) differs from the current target is NOT touched:
+`CheckpointMismatchError` names the differing arrays and the training-config fields that
+differ (e.g. `optim.clip_norm` changes the optimizer state). Only a checkpoint that cannot be
+read (corrupt or half-written data, unreadable metadata) is moved aside to
+`checkpoints_corrupt/` (never deleted) with a warning, and the previous one is used.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -41,6 +47,10 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
 PARAMS, OPT, DATA, META = "params", "opt_state", "data", "meta"
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint that does not fit the current training state (config changed)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -108,6 +118,71 @@ def quarantine(ckpt_root: str, step: int, reason: str) -> None:
   _sync(f"quarantine_{step}")
 
 
+def _path_str(path) -> str:
+  keys = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+  return "/".join(str(k) for k in keys)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"opt/1/0/mu/embed": shape} of every array leaf; works on orbax's metadata trees (where
+  tuples are lists and named tuples dicts) and on targets alike."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(p): tuple(leaf.shape) for p, leaf in leaves}
+
+
+def _stored_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
+  """`_shapes` of a saved pytree item, from its metadata only (no array data is read)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return _shapes(handler.metadata(epath.Path(item_dir)))
+  finally:
+    handler.close()
+
+
+def tree_diff(stored: dict, wanted: dict, limit: int = 6) -> list[str]:
+  """Arrays missing, extra, or of another shape in `stored` vs `wanted` (path -> shape)."""
+  out = [f"{k}: only in the checkpoint" for k in sorted(set(stored) - set(wanted))]
+  out += [f"{k}: not in the checkpoint" for k in sorted(set(wanted) - set(stored))]
+  out += [
+    f"{k}: shape {stored[k]} in the checkpoint, {wanted[k]} now"
+    for k in sorted(set(stored) & set(wanted))
+    if stored[k] != wanted[k]
+  ]
+  return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def _flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
+  """{"optim.clip_norm": 1.0, ...} of a nested JSON-like dict."""
+  if not isinstance(d, dict):
+    return {prefix[:-1]: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten_config(v, f"{prefix}{k}."))
+  return out
+
+
+def config_diff(stored: dict, now: dict) -> list[str]:
+  """`field: stored -> now` for every (dotted) config field that differs."""
+  a, b = (_flatten_config(json.loads(json.dumps(d))) for d in (stored, now))  # tuples -> lists
+  show = lambda d, k: repr(d[k]) if k in d else "(absent)"  # noqa: E731
+  return [
+    f"{k}: {show(a, k)} in the checkpoint -> {show(b, k)} now"
+    for k in sorted(set(a) | set(b))
+    if k not in a or k not in b or a[k] != b[k]
+  ]
+
+
+def _read_meta(step_dir: str) -> dict:
+  meta_dir = os.path.join(step_dir, META)
+  files = (
+    [f for f in os.listdir(meta_dir) if not f.startswith("_")] if os.path.isdir(meta_dir) else []
+  )
+  if not files:
+    raise FileNotFoundError(f"{meta_dir} has no metadata file")
+  with open(os.path.join(meta_dir, files[0])) as f:
+    return json.load(f)
+
+
 # ----------------------------------------------------------------------------- params only
 
 
@@ -149,14 +224,7 @@ def _resolve_params_path(path: str) -> tuple[str, ModelConfig, list[str]]:
 
 
 def _read_meta_config(step_dir: str) -> ModelConfig:
-  meta_dir = os.path.join(step_dir, META)
-  files = (
-    [f for f in os.listdir(meta_dir) if not f.startswith("_")] if os.path.isdir(meta_dir) else []
-  )
-  if not files:
-    raise FileNotFoundError(f"{meta_dir} has no metadata file")
-  with open(os.path.join(meta_dir, files[0])) as f:
-    return from_dict(json.load(f)["model"])
+  return from_dict(_read_meta(step_dir)["model"])
 
 
 def load_params(
@@ -244,18 +312,42 @@ class Checkpointer:
     )
 
   def restore_latest(
-    self, params_target, opt_target, on_skip: Callable[[int, str], None] | None = None
+    self,
+    params_target,
+    opt_target,
+    on_skip: Callable[[int, str], None] | None = None,
+    config: dict | None = None,
   ) -> tuple[int, Any, Any, dict, dict] | None:
     """Restores the newest checkpoint that reads back, or returns None when there is none.
 
     Targets are pytrees of `jax.ShapeDtypeStruct` with the shardings wanted now (any mesh).
-    Unreadable steps are moved to `checkpoints_corrupt/` with a warning.
+    Unreadable steps are moved to `checkpoints_corrupt/` with a warning (`on_skip(step, why)`).
+    A readable step whose arrays (paths, shapes) differ from the targets raises
+    `CheckpointMismatchError` and nothing is moved: the configuration changed, not the data.
+
+    Args:
+      config: the current training config as a dict (`dataclasses.asdict`); the error lists
+        the fields where it differs from the one stored in the checkpoint's meta.
 
     Returns:
       (step, params, opt_state, data_state, meta) or None.
     """
     self.mngr.wait_until_finished()
     for step in step_dirs(self.root):
+      step_dir = os.path.join(self.root, str(step))
+      try:
+        meta = _read_meta(step_dir)
+        stored = {name: _stored_shapes(os.path.join(step_dir, name)) for name in (PARAMS, OPT)}
+      except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+        self._skip(step, e, on_skip)
+        continue
+      diff = [
+        f"{name}/{d}"
+        for name, target in ((PARAMS, params_target), (OPT, opt_target))
+        for d in tree_diff(stored[name], _shapes(target))
+      ]
+      if diff:
+        raise CheckpointMismatchError(_mismatch_message(step_dir, diff, meta, config))
       try:
         r = self.mngr.restore(
           step,
@@ -269,14 +361,17 @@ class Checkpointer:
           ),
         )
         return step, r[PARAMS], r[OPT], dict(r[DATA]), dict(r[META])
-      except Exception as e:  # noqa: BLE001 - any failure to read means: use the previous one
-        reason = f"{type(e).__name__}: {str(e)[:300]}"
-        if on_skip is not None:
-          on_skip(step, reason)
-        self.mngr.close()
-        quarantine(self.root, step, reason)
-        self._open()
+      except Exception as e:  # noqa: BLE001 - the tree fits but the data does not read back
+        self._skip(step, e, on_skip)
     return None
+
+  def _skip(self, step: int, e: Exception, on_skip) -> None:
+    reason = f"{type(e).__name__}: {str(e)[:300]}"
+    if on_skip is not None:
+      on_skip(step, reason)
+    self.mngr.close()
+    quarantine(self.root, step, reason)
+    self._open()
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
@@ -293,3 +388,23 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _mismatch_message(step_dir: str, diff: list[str], meta: dict, config: dict | None) -> str:
+  if config is None:
+    fields = []
+  elif "train" in meta:
+    fields = config_diff(meta["train"], config)
+  else:  # written before checkpoints stored the training config: compare the model only
+    fields = config_diff({"model": meta.get("model", {})}, {"model": config.get("model", {})})
+  why = (
+    "the training config differs from the one that wrote it in:\n  " + "\n  ".join(fields)
+    if fields
+    else "the stored config does not explain it"
+  )
+  return (
+    f"checkpoint {step_dir} does not fit the current training state; its arrays differ:\n  "
+    + "\n  ".join(diff)
+    + f"\n{why}\nNothing was moved or changed. Resume with the checkpoint's config, or start "
+    "a new workdir (init_from= that workdir takes only its parameters)."
+  )

@@ -9,6 +9,9 @@ Dh head dim, E experts, C capacity, F (expert) hidden, V vocab, T tokens (B*L).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
 
 STRATEGIES = ("auto", "dense", "dropless_blocks", "dropless_ragged", "capacity")
 ROUTINGS = ("topk", "topp")
@@ -21,6 +24,24 @@ ATTENTION_KINDS = ("full", "sparse")
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def canonical_dtype(dtype: Any, name: str = "dtype") -> str:
+  """The canonical name ("float32", "bfloat16", "float16") of a dtype as JAX users write it.
+
+  Accepts strings, `jnp.float32` / `np.float32` scalar types and `jnp.dtype(...)` objects;
+  anything else (None, int8, float64, a typo) raises ValueError naming `name`.
+  """
+  try:
+    canonical = None if dtype is None else jnp.dtype(dtype).name
+  except TypeError:
+    canonical = None
+  if canonical not in DTYPES:
+    raise ValueError(
+      f"{name}={dtype!r} is not a supported dtype; use one of {DTYPES} (as a string, "
+      "jnp.bfloat16, np.float32 or jnp.dtype(...))"
+    )
+  return canonical
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +138,7 @@ class ModelConfig:
   router_aux_loss_coef: float = 0.001  # Weight of the load-balancing loss.
   moe: MoEConfig = MoEConfig()
   attention: AttentionConfig = AttentionConfig()
+  # Dtypes may be given as strings, jnp/np types or jnp.dtype(...); stored as the name.
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of parameters (master weights).
   remat: str = "none"  # none | full | dots: rematerialisation of each decoder layer.
@@ -124,8 +146,8 @@ class ModelConfig:
 
   def __post_init__(self):
     _check_choice("remat", self.remat, REMATS)
-    _check_choice("dtype", self.dtype, DTYPES)
-    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    for name in ("dtype", "param_dtype"):  # frozen: normalise through object.__setattr__
+      object.__setattr__(self, name, canonical_dtype(getattr(self, name), name))
     for name in (
       "vocab_size",
       "hidden_size",

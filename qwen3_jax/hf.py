@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -439,8 +440,8 @@ def from_pretrained(
   path: str,
   *,
   mesh: Mesh | None = None,
-  dtype: str = "float32",
-  param_dtype: str | None = None,
+  dtype: DTypeLike = "float32",
+  param_dtype: DTypeLike | None = None,
   **overrides,
 ) -> tuple[Qwen3, ModelConfig]:
   """Loads a Hugging Face Qwen3 / Qwen3-MoE directory into a (sharded) `Qwen3`.
@@ -450,8 +451,9 @@ def from_pretrained(
       `model.safetensors.index.json`; per-expert or fused expert tensors.
     mesh: a mesh with axes data, fsdp, expert, tensor; every parameter is placed directly on
       its shards. None: the default device.
-    dtype: compute dtype (`ModelConfig.dtype`).
-    param_dtype: storage dtype of the parameters; defaults to `dtype`.
+    dtype: compute dtype (`ModelConfig.dtype`): "bfloat16", jnp.bfloat16, np.float32,
+      jnp.dtype("float16"), ...
+    param_dtype: storage dtype of the parameters (same spellings); defaults to `dtype`.
     **overrides: other ModelConfig fields to set (e.g. `moe=MoEConfig(...)`, `remat`).
 
   Returns:

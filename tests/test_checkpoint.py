@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,7 +119,7 @@ def next_loss8(reference):
   """The loss of step 2N+1 on the 8-device mesh the checkpoint was written on."""
   cfg, d, _ = reference
   wd = os.path.join(d, "ref")
-  _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog8 = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(wd, save_every=0) as ck:
     s8, step = loop.initial_state(prog8, ck, data, print)
@@ -130,7 +131,7 @@ def test_restore_onto_other_mesh(reference, next_loss8, ndev, mesh):
   cfg, d, ref = reference
   wd = os.path.join(d, "ref")
   cfg = dataclasses.replace(cfg, mesh=mesh)
-  _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, shd.make_mesh(mesh, jax.devices()[:ndev]))
   with ckpt.Checkpointer(wd, save_every=0) as ck:
     state, step = loop.initial_state(prog, ck, data, print)
@@ -161,7 +162,7 @@ def test_corrupt_checkpoint_skipped(reference, caplog):
         open(os.path.join(dirpath, name), "w").close()
   model, mcfg = ckpt.load_params(wd)  # params-only restore falls back to step N too
   assert mcfg == cfg.model
-  _, data, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(wd, save_every=0) as ck:
     state, step = loop.initial_state(prog, ck, data, print)
@@ -170,6 +171,38 @@ def test_corrupt_checkpoint_skipped(reference, caplog):
   moved = os.listdir(os.path.join(wd, "checkpoints_corrupt"))
   assert len(moved) == 1 and moved[0].startswith(f"{2 * N}-")
   assert any("cannot be restored" in r.getMessage() for r in caplog.records)
+
+
+def _snapshot(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def test_config_change_stops_without_touching_the_checkpoints(reference):
+  cfg, d, _ = reference
+  wd = os.path.join(d, "changed")
+  shutil.copytree(os.path.join(d, "ref"), wd)
+  before = _snapshot(wd)
+  with open(os.path.join(wd, "checkpoints", str(2 * N), "meta", "metadata")) as f:
+    assert json.load(f)["train"]["optim"]["clip_norm"] == 1.0  # the whole config is stored
+  changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, clip_norm=0.0))
+  with pytest.raises(ckpt.CheckpointMismatchError) as e:
+    loop.train(changed, wd, printer=lambda *_: None)
+  msg = str(e.value)
+  assert "optim.clip_norm: 1.0 in the checkpoint -> 0.0 now" in msg
+  assert "opt_state/opt/" in msg and "Nothing was moved" in msg
+  assert "optim.lr" not in msg  # only the fields that differ
+  assert _snapshot(wd) == before  # checkpoints, config.json, metrics: byte for byte
+  assert not os.path.exists(os.path.join(wd, "checkpoints_corrupt"))
+  # The packing statistics of the run that wrote it are in its metrics.
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    first = json.loads(f.readline())
+  assert first["step"] == 0 and 0.5 < first["data/packing_efficiency"] <= 1
 
 
 def test_params_only_roundtrip(tmp_path):
@@ -187,13 +220,17 @@ def test_params_only_roundtrip(tmp_path):
     m2, cfg2 = ckpt.load_params(str(tmp_path / "p"), mesh)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, as_np(nnx.state(m2, nnx.Param).to_pure_dict()), ref)
+  # Overrides take dtypes as JAX users write them; the restore casts to the new storage dtype.
+  m3, cfg3 = ckpt.load_params(str(tmp_path / "p"), None, param_dtype=jnp.bfloat16)
+  assert cfg3.param_dtype == "bfloat16" and cfg3 == cfg.replace(param_dtype="bfloat16")
+  assert {a.dtype for a in jax.tree.leaves(nnx.state(m3, nnx.Param))} == {jnp.dtype("bfloat16")}
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     ckpt.load_params(str(tmp_path))
 
 
 def test_init_from_loads_params_only(reference, tmp_path):
   cfg, d, ref = reference
-  _, data, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
+  _, data, _, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(str(tmp_path / "new"), save_every=0) as ck:
     state, step = loop.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))

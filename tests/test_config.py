@@ -5,6 +5,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,6 +13,7 @@ from flax import nnx
 from qwen3_jax import config as C
 from qwen3_jax.config import AttentionConfig, MeshConfig, ModelConfig, MoEConfig
 from qwen3_jax.model import Qwen3
+from qwen3_jax.model.transformer import init_cache
 
 # (constructor, substrings the error message must contain)
 INVALID = [
@@ -50,6 +52,9 @@ INVALID = [
   (lambda: C.tiny(router_aux_loss_coef=-0.01), ["router_aux_loss_coef"]),
   (lambda: C.tiny(dtype="float17"), ["dtype", "float17"]),
   (lambda: C.tiny(param_dtype="int8"), ["param_dtype", "int8"]),
+  (lambda: C.tiny(dtype=jnp.int8), ["dtype", "int8", "not a supported dtype"]),
+  (lambda: C.tiny(param_dtype=np.float64), ["param_dtype", "float64"]),
+  (lambda: C.tiny(dtype=None), ["dtype=None"]),
   (lambda: C.preset("qwen4"), ["qwen4", "tiny", "qwen3_30b_a3b"]),
   (lambda: C.from_dict({**C.to_dict(C.tiny()), "hiden_size": 3}), ["hiden_size"]),
 ]
@@ -190,3 +195,28 @@ def test_configs_are_frozen():
   assert cfg.replace(hidden_size=32).hidden_size == 32 and cfg.hidden_size == 64
   assert isinstance(C.preset("small"), ModelConfig)
   assert np.isclose(C.preset("tiny", rope_theta=5.0).rope_theta, 5.0)
+
+
+@pytest.mark.parametrize(
+  "dtype, name",
+  [
+    (jnp.float32, "float32"),
+    (np.float32, "float32"),
+    (jnp.bfloat16, "bfloat16"),
+    (jnp.dtype("bfloat16"), "bfloat16"),
+    (np.dtype("float16"), "float16"),
+    ("float16", "float16"),
+  ],
+)
+def test_dtypes_as_jax_users_write_them(dtype, name):
+  cfg = C.tiny(dtype=dtype, param_dtype=dtype)
+  assert cfg.dtype == cfg.param_dtype == name  # stored as the canonical string
+  assert cfg == C.tiny(dtype=name, param_dtype=name) and C.from_dict(C.to_dict(cfg)) == cfg
+  assert C.tiny().replace(dtype=dtype).dtype == name  # e.g. load_params(..., dtype=jnp.bfloat16)
+  cache = init_cache(C.tiny(), 1, 4, dtype=dtype)
+  assert cache.layers[0]["k"].dtype == jnp.dtype(name)
+
+
+def test_init_cache_rejects_unsupported_dtype():
+  with pytest.raises(ValueError, match="init_cache dtype=.*int8.* is not a supported dtype"):
+    init_cache(C.tiny(), 1, 4, dtype=jnp.int8)

@@ -120,3 +120,30 @@ def test_sharded_decode_matches_one_device():
   got, cache = run(sharding.make_mesh(C.MeshConfig(data=2, fsdp=2, tensor=2)))
   assert len(cache.layers[0]["k"].sharding.device_set) == 8
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_full_layer_cache_overflow_raises():
+  """Past max_len a full layer's ring would silently become a sliding window: it raises."""
+  from qwen3_jax.model import kv_cache
+
+  mixed, sparse = _cfg(("sparse", "full")), _cfg(("sparse",))
+  cache = init_cache(mixed, 1, 6)
+  kv_cache.check_room(mixed, cache, 6)  # exactly full is fine
+  with pytest.raises(ValueError, match=r"overflow: writing 7 token\(s\) at slots 0..6 .*max_len=6"):
+    kv_cache.check_room(mixed, cache, 7)  # concrete length: raises before anything runs
+  kv_cache.check_room(sparse, init_cache(sparse, 1, 6), 50)  # sparse rings wrap by design
+
+  cfg = _cfg(("full",)).replace(num_experts=0, num_hidden_layers=1)
+  graphdef, state = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(0)))
+  toks = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 4)))
+
+  @jax.jit(compiler_options=FAST)
+  def forward(state, toks, cache):
+    return nnx.merge(graphdef, state)(toks, cache=cache).cache
+
+  cache = forward(state, toks, init_cache(cfg, 1, 6))  # slots 0..3 of 6
+  assert int(cache.length) == 4
+  with pytest.raises(
+    jax.errors.JaxRuntimeError, match=r"KV cache overflow: writing 4 token\(s\) at slots 4..7"
+  ):
+    jax.block_until_ready(forward(state, toks, cache))  # traced length: fails at run time

@@ -353,14 +353,14 @@ def test_bfloat16_checkpoint_round_trip(hf_cases, tmp_path):
   _, tmodel, _ = hf_cases("moe_topk_norm")
   bf_dir = str(tmp_path / "bf16")
   copy.deepcopy(tmodel).to(torch.bfloat16).save_pretrained(bf_dir)
-  model, cfg = hf.from_pretrained(bf_dir, dtype="bfloat16")
-  assert cfg.param_dtype == "bfloat16"
+  model, cfg = hf.from_pretrained(bf_dir, dtype=jnp.bfloat16)  # dtypes as JAX users write them
+  assert cfg.dtype == cfg.param_dtype == "bfloat16"
   q = params_np(model)["layers/sub_0/self_attn/q_proj"][1]  # layer 1, [D, H, Dh]
   w = tmodel.model.layers[1].self_attn.q_proj.weight.detach().to(torch.bfloat16).float().numpy()
   np.testing.assert_array_equal(q.astype(np.float32), w.reshape(4, 16, 48).transpose(2, 0, 1))
   out_dir = str(tmp_path / "bf16_ours")
   hf.save_pretrained(model, cfg, out_dir)
-  assert_same_params(model, hf.from_pretrained(out_dir, dtype="bfloat16")[0])
+  assert_same_params(model, hf.from_pretrained(out_dir, dtype=jnp.dtype("bfloat16"))[0])
 
 
 def test_sharded_index_dirs(hf_cases, tmp_path, mesh):

@@ -1,9 +1,24 @@
-"""Tokenise -> pack into fixed-length rows with segment ids -> shuffle (seeded) -> shard.
+"""Tokenise -> pack whole documents into fixed-length rows -> shuffle (seeded) -> shard.
 
-Packing: documents (each ending in `<|endoftext|>`) are concatenated into one stream and cut
-into rows of L + 1 tokens; `segment_ids` number the documents inside a row from 1 (0 =
-padding, only at the end of the last row). A batch holds, all [B, L] int32:
-  inputs = row[:-1], targets = row[1:], segment_ids = seg[:-1],
+Packing (`pack`): every document (ending in `<|endoftext|>`) goes into ONE row of L + 1 tokens,
+so no row starts inside a document and every assistant turn has its prompt in the same row.
+Rows are filled best-fit decreasing (documents longest first, each into the open row whose
+free space fits it most tightly; ties by corpus order, so the result is deterministic), with
+at most `max_docs_per_row` documents per row when that is > 0, and padding at the end of rows.
+A document longer than a row:
+  * loss_on="all" (pretraining): is cut into pieces of L + 1 tokens that overlap by one token
+    (piece k = tokens [kL, kL + L + 1)), so every next-token pair is trained once; full pieces
+    fill rows of their own and the tail is packed like a document; positions restart at 0
+    in each piece.
+  * loss_on="assistant" (SFT): is dropped (a conversation is never trained without its
+    prompt) and counted in `PackStats.dropped`; it is an error when every document is.
+Rows are ordered by the first (in corpus order) document they hold, so the evaluation rows
+split off the end hold the corpus' last documents. `PackStats.efficiency` is the fraction of
+input positions that hold a document token (1 - padding).
+
+A batch holds, all [B, L] int32:
+  inputs = row[:-1], targets = row[1:], segment_ids = seg[:-1] (documents numbered 1, 2, ...
+  inside each row, 0 = padding; positions restart at each, see `Qwen3.__call__`),
   loss_mask = 1 where the target is in the same document and marked trainable (all tokens
   for plain text; only assistant turns for chat data with `loss_on="assistant"`).
 
@@ -15,6 +30,8 @@ Each process materialises only its own slice of rows [p*B/P, (p+1)*B/P) of that 
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import json
 import os
@@ -41,12 +58,19 @@ class DataConfig:
   text_key: str = "text"  # JSONL: field with plain text (or "messages" with a chat list).
   loss_on: str = "all"  # all | assistant: which target tokens count in the loss.
   eval_fraction: float = 0.02  # Rows held out for evaluation.
+  # Most documents packed into one row (0 = no cap). Bounds the segments per row, e.g. the
+  # global-token slots sparse attention spends per row; a lower cap costs packing efficiency.
+  max_docs_per_row: int = 0
 
   def __post_init__(self):
     if self.loss_on not in LOSS_ON:
       raise ValueError(f"data.loss_on={self.loss_on!r} is not one of {LOSS_ON}")
     if not 0.0 <= self.eval_fraction < 0.5:
       raise ValueError(f"data.eval_fraction must be in [0, 0.5), got {self.eval_fraction}")
+    if self.max_docs_per_row < 0:
+      raise ValueError(
+        f"data.max_docs_per_row must be >= 0 (0 = no cap), got {self.max_docs_per_row}"
+      )
 
 
 # ----------------------------------------------------------------------------- documents
@@ -113,24 +137,144 @@ def tokenize(docs: list[list[tuple[str, bool]]], tok: Tokenizer) -> tuple[np.nda
   return np.concatenate(ids), np.concatenate(loss), np.concatenate(doc)
 
 
-def pack(ids: np.ndarray, loss: np.ndarray, doc: np.ndarray, seq_len: int) -> dict:
-  """Rows of seq_len + 1 tokens -> arrays [N, seq_len] (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class PackStats:
+  """What `pack` did; logged when training starts and written to the metrics (prefix data/)."""
+
+  documents: int  # Documents given.
+  dropped: int  # Longer than a row and dropped (loss_on="assistant").
+  split: int  # Longer than a row and cut into overlapping pieces (loss_on="all").
+  rows: int  # Rows produced.
+  efficiency: float  # Fraction of the [rows, L] input positions that hold a document token.
+
+  def metrics(self) -> dict[str, float]:
+    return {
+      "documents": self.documents,
+      "dropped_documents": self.dropped,
+      "split_documents": self.split,
+      "rows": self.rows,
+      "packing_efficiency": self.efficiency,
+    }
+
+
+def pack(
+  ids: np.ndarray,
+  loss: np.ndarray,
+  doc: np.ndarray,
+  seq_len: int,
+  *,
+  split_long: bool = True,
+  max_docs_per_row: int = 0,
+) -> tuple[dict, PackStats]:
+  """Whole documents into rows of seq_len + 1 tokens (see the module docstring).
+
+  Args:
+    ids, loss, doc: the streams from `tokenize` (each document a contiguous run of `doc`).
+    seq_len: L; a row holds L + 1 tokens (inputs are its first L, targets its last L).
+    split_long: True (loss_on="all") cuts documents longer than a row into overlapping
+      pieces; False (loss_on="assistant") drops them.
+    max_docs_per_row: most documents (or pieces) per row; 0 = no cap.
+
+  Returns:
+    (rows, stats): rows = dict of [N, L] int32 arrays inputs, targets, segment_ids, loss_mask.
+  """
+  if seq_len < 1 or max_docs_per_row < 0:
+    raise ValueError(
+      f"pack needs seq_len >= 1, max_docs_per_row >= 0; got {seq_len}, {max_docs_per_row}"
+    )
   row = seq_len + 1
-  n = -(-len(ids) // row)
-  pad = n * row - len(ids)
-  ids = np.concatenate([ids, np.zeros(pad, np.int32)]).reshape(n, row)
-  loss = np.concatenate([loss, np.zeros(pad, bool)]).reshape(n, row)
-  doc = np.concatenate([doc, np.full(pad, -1, np.int32)]).reshape(n, row)
-  # Segment ids: 1 + number of document changes so far in the row; 0 on padding.
-  change = np.concatenate([np.zeros((n, 1), np.int32), (doc[:, 1:] != doc[:, :-1])], axis=1)
-  seg = np.where(doc >= 0, 1 + np.cumsum(change, axis=1), 0).astype(np.int32)
+  starts = np.flatnonzero(np.diff(doc, prepend=doc[:1] - 1))  # first token of each document
+  lens = np.diff(starts, append=len(doc))
+  long = lens > row
+  if not split_long and long.all():
+    raise ValueError(
+      f"all {len(lens)} documents are longer than a row of seq_len + 1 = {row} tokens (the "
+      f"shortest has {lens.min()}); raise seq_len, or use loss_on=all to split them"
+    )
+  # Pieces [P] in corpus order: whole documents, or overlapping cuts of long ones.
+  p_start, p_len = [], []
+  for s0, n, is_long in zip(starts.tolist(), lens.tolist(), long.tolist(), strict=True):
+    if not is_long:
+      p_start.append(s0)
+      p_len.append(n)
+    elif split_long:
+      for off in range(0, n - 1, seq_len):
+        p_start.append(s0 + off)
+        p_len.append(min(row, n - off))
+        if off + row >= n:
+          break
+  p_start, p_len = np.asarray(p_start, np.int64), np.asarray(p_len, np.int64)
+  row_of = _best_fit_decreasing(p_len, row, max_docs_per_row)  # [P]
+  # Rows in order of their first piece; pieces inside a row in corpus order.
+  first = np.full(row_of.max() + 1, len(p_len), np.int64)
+  np.minimum.at(first, row_of, np.arange(len(p_len)))
+  row_of = np.argsort(np.argsort(first, kind="stable"), kind="stable")[row_of]
+  order = np.lexsort((np.arange(len(p_len)), row_of))
+  r, n, src0 = row_of[order], p_len[order], p_start[order]
+  new_row = np.r_[True, r[1:] != r[:-1]]
+  head = np.maximum.accumulate(np.where(new_row, np.arange(len(r)), 0))  # row's first piece
+  rank = np.arange(len(r)) - head  # piece number inside its row: segment id - 1
+  excl = np.cumsum(n) - n  # tokens before each piece, over all rows
+  row_base = excl[head]
+  within = np.arange(n.sum()) - np.repeat(excl, n)  # token offset inside its piece
+  dst = np.repeat(r * row + excl - row_base, n) + within
+  src = np.repeat(src0, n) + within
+  num_rows = int(r.max()) + 1
+  out_ids = np.zeros(num_rows * row, np.int32)
+  out_loss = np.zeros(num_rows * row, bool)
+  seg = np.zeros(num_rows * row, np.int32)
+  out_ids[dst], out_loss[dst], seg[dst] = ids[src], loss[src], np.repeat(rank + 1, n)
+  out_ids, out_loss, seg = (a.reshape(num_rows, row) for a in (out_ids, out_loss, seg))
   same = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] > 0)
-  return {
-    "inputs": ids[:, :-1],
-    "targets": ids[:, 1:],
+  rows = {
+    "inputs": out_ids[:, :-1],
+    "targets": out_ids[:, 1:],
     "segment_ids": seg[:, :-1],
-    "loss_mask": (same & loss[:, 1:]).astype(np.int32),
+    "loss_mask": (same & out_loss[:, 1:]).astype(np.int32),
   }
+  stats = PackStats(
+    documents=len(lens),
+    dropped=0 if split_long else int(long.sum()),
+    split=int(long.sum()) if split_long else 0,
+    rows=num_rows,
+    efficiency=float((seg[:, :-1] > 0).mean()),
+  )
+  return rows, stats
+
+
+def _best_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int) -> np.ndarray:
+  """Bin of each item [P]: longest first, each into the open bin it fills most tightly.
+
+  Open bins are kept by free space (a sorted list of the distinct free sizes, and per size
+  the bins in the order they got it), so each item costs one bisect: O(P log capacity).
+  """
+  order = np.argsort(-lengths, kind="stable")
+  bin_of = np.empty(len(lengths), np.int64)
+  used, count = [], []
+  free_sizes: list[int] = []  # sorted distinct free space of the open bins
+  by_free: dict[int, collections.deque[int]] = {}
+  for i in order.tolist():
+    n = int(lengths[i])
+    j = bisect.bisect_left(free_sizes, n)
+    if j < len(free_sizes):
+      bins = by_free[free_sizes[j]]
+      b = bins.popleft()
+      if not bins:
+        del by_free[free_sizes.pop(j)]
+    else:
+      b = len(used)
+      used.append(0)
+      count.append(0)
+    used[b] += n
+    count[b] += 1
+    bin_of[i] = b
+    left = capacity - used[b]
+    if left > 0 and (max_items == 0 or count[b] < max_items):
+      if left not in by_free:
+        bisect.insort(free_sizes, left)
+        by_free[left] = collections.deque()
+      by_free[left].append(b)
+  return bin_of
 
 
 # ----------------------------------------------------------------------------- batches
@@ -181,7 +325,7 @@ class Batches:
     if state.get("num_rows") != self.num_rows or state.get("seed") != self.seed:
       raise ValueError(
         f"checkpointed data state {state} does not match this data (num_rows={self.num_rows}, "
-        f"seed={self.seed}): the corpus, tokenizer or seq_len changed since the checkpoint"
+        f"seed={self.seed}): the corpus, tokenizer, seq_len or packing changed since the checkpoint"
       )
     self.step = int(state["step"])
 

@@ -5,7 +5,8 @@ Layout of one layer's cache (a dict; leaves get a leading [R] repeat axis in `KV
   seg:    [B, S] int32   their segment ids (-1 = never written)
   gk, gv: [B, Gs, K, Dh] global tokens' keys/values; global number j at index j % Gs
   gseg:   [B, Gs] int32  (only when the model has global tokens)
-Capacities: a `full` layer keeps everything (S = max_len, Gs = ceil(max_len / g)); a `sparse`
+Capacities: a `full` layer keeps everything (S = max_len, Gs = ceil(max_len / g)) and writing
+past max_len is an error (`check_room`), never a silent sliding window; a `sparse`
 layer keeps a ring of its window (S = min(w, max_len)) and of its global cap (Gs = min(M,
 ceil(max_len / g)), all globals when M = 0). Which slot or global number an entry holds is not
 stored: it follows from `KVCache.length` (the number of real tokens written so far), because
@@ -124,3 +125,32 @@ def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
     if name in out:
       out[name] = constrain(out[name], KV_AXES)
   return out
+
+
+def check_room(cfg: ModelConfig, cache: KVCache, num_new: int) -> None:
+  """Raises if `num_new` more tokens would overflow a full layer's cache (S = max_len slots).
+
+  A full layer's ring would otherwise wrap and silently turn it into a sliding window; sparse
+  layers' rings are meant to wrap and are not checked. With a concrete `cache.length` (eager
+  code) this raises ValueError now. Under jit the length is traced: a host callback, run only
+  when the cache overflows, raises the same message, and the jitted call fails with a
+  `JaxRuntimeError` that carries it.
+  """
+  full = [j for j in range(len(cache.layers)) if cfg.attention.kind_of_layer(j) == "full"]
+  if not full:
+    return
+  max_len = cache.layers[full[0]]["k"].shape[2]  # [R, B, S, K, Dh]
+
+  def fail(length):
+    first = int(length)
+    raise ValueError(
+      f"KV cache overflow: writing {num_new} token(s) at slots {first}..{first + num_new - 1} "
+      f"but full-attention layers hold max_len={max_len} tokens; size init_cache(max_len=...) "
+      "for prompt + generated tokens"
+    )
+
+  if isinstance(cache.length, jax.core.Tracer):
+    overflow = cache.length + num_new > max_len
+    jax.lax.cond(overflow, lambda: jax.debug.callback(fail, cache.length), lambda: None)
+  elif int(cache.length) + num_new > max_len:
+    fail(cache.length)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.config import ModelConfig
+from qwen3_jax.config import ModelConfig, canonical_dtype
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.kv_cache import KVCache
@@ -176,6 +176,8 @@ class Qwen3(nnx.Module):
     tokens = constrain(tokens, ("batch", "seq"))
     b, l = tokens.shape
     start = 0 if cache is None else cache.length
+    if cache is not None:
+      kv_cache.check_room(cfg, cache, l)
     if positions is None:
       positions = default_positions(tokens, segment_ids if cache is None else None) + start
     seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -254,13 +256,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   """An empty KV cache for `batch` rows and at most `max_len` real tokens per row.
 
   Full layers keep all `max_len` keys, sparse layers a ring of their window (and of their
-  `max_globals` global tokens); writing more than `max_len` tokens overwrites full layers'
-  oldest keys, so size it for prompt + generation. dtype defaults to the compute dtype.
+  `max_globals` global tokens). Size it for prompt + generation: writing past `max_len` into a
+  model with full layers raises (a ValueError when `cache.length` is concrete; under jit the
+  call fails at run time with a JaxRuntimeError naming the overflow, see
+  `kv_cache.check_room`); a model with only sparse layers just keeps wrapping its rings.
+  dtype defaults to the compute dtype.
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
   period = layer_period(cfg)
-  dtype = jnp.dtype(dtype or cfg.dtype)
+  dtype = jnp.dtype(cfg.dtype if dtype is None else canonical_dtype(dtype, "init_cache dtype"))
   layers = tuple(
     kv_cache.init_layer_cache(
       cfg, cfg.attention.kind_of_layer(j), batch, max_len, cfg.num_hidden_layers // period, dtype

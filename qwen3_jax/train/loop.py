@@ -2,7 +2,10 @@
 checkpoints, metrics, preemption, and a greedy sample at the end.
 
 `train(cfg, workdir)` resumes from the newest readable checkpoint in `workdir`, else starts
-from `cfg.init_from` (params only) or from scratch. Every process of a multi-process run calls
+from `cfg.init_from` (params only) or from scratch. A checkpoint whose state no longer fits the
+config (e.g. `optim.clip_norm` turned off changes the optimizer state) stops the run with an
+error naming the changed fields; nothing in `workdir` is moved, and `WORKDIR/config.json` is
+rewritten only once the start state is settled. Every process of a multi-process run calls
 it; each feeds its own slice of every global batch.
 """
 
@@ -41,7 +44,12 @@ class NonFiniteError(RuntimeError):
 
 
 def build_data(cfg: TrainConfig, workdir: str, printer=print):
-  """(tokenizer, train Batches, eval Batches or None). A trained tokenizer is saved in workdir."""
+  """(tokenizer, train Batches, eval Batches or None, PackStats).
+
+  A tokenizer trained here is saved in workdir. Documents are packed whole (`pipeline.pack`);
+  how many were dropped or split and the packing efficiency are printed here and written to
+  the metrics by `train`.
+  """
   dcfg = cfg.data
   docs = pipeline.read_documents(dcfg, cfg.seed)
   saved = os.path.join(workdir, "tokenizer.json")
@@ -65,7 +73,14 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
       f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size={cfg.model.vocab_size}"
     )
   ids, loss, doc = pipeline.tokenize(docs, tok)
-  rows = pipeline.pack(ids, loss, doc, cfg.seq_len)
+  rows, stats = pipeline.pack(
+    ids,
+    loss,
+    doc,
+    cfg.seq_len,
+    split_long=dcfg.loss_on == "all",
+    max_docs_per_row=dcfg.max_docs_per_row,
+  )
   train_rows, eval_rows = pipeline.split_rows(rows, dcfg.eval_fraction)
   kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train = pipeline.Batches(train_rows, cfg.batch_size, seed=cfg.seed, **kw)
@@ -73,10 +88,18 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
   if cfg.eval_every and len(eval_rows["inputs"]) >= cfg.batch_size:
     evals = pipeline.Batches(eval_rows, cfg.batch_size, seed=0, shuffle=False, **kw)
   printer(
-    f"data: {len(ids):,} tokens -> {train.num_rows:,} train rows, "
-    f"{len(eval_rows['inputs'])} eval rows of {cfg.seq_len} tokens"
+    f"data: {len(ids):,} tokens in {stats.documents:,} documents -> {train.num_rows:,} train "
+    f"rows, {len(eval_rows['inputs'])} eval rows of {cfg.seq_len} tokens; packing efficiency "
+    f"{stats.efficiency:.1%}"
   )
-  return tok, train, evals
+  if stats.dropped:
+    printer(
+      f"WARNING: dropped {stats.dropped:,} of {stats.documents:,} documents longer than a row "
+      f"(seq_len + 1 = {cfg.seq_len + 1} tokens): loss_on=assistant never splits a conversation"
+    )
+  if stats.split:
+    printer(f"data: split {stats.split:,} documents longer than a row across rows")
+  return tok, train, evals, stats
 
 
 def to_global(local: dict, prog: Program) -> dict:
@@ -97,17 +120,22 @@ def initial_state(
   """Newest readable checkpoint, else init (+ params from `init_from`). Returns (state, step)."""
   target = prog.abstract_state()
   opt_target = {"opt": target.opt_state, "step": target.step, "skipped": target.skipped}
+  config = dataclasses.asdict(prog.cfg)
   restored = ck.restore_latest(
     target.params,
     opt_target,
     on_skip=lambda s, why: printer(f"WARNING: checkpoint {s} unreadable, skipped ({why})"),
-  )
+    config=config,
+  )  # a checkpoint that does not fit this config raises ckpt.CheckpointMismatchError
   if restored is not None:
-    step, params, opt, data_state, _ = restored
+    step, params, opt, data_state, meta = restored
     data.set_state(data_state)
     state = TrainState(opt["step"], params, opt["opt"], opt["skipped"], jnp.zeros((), jnp.int32))
     state = jax.device_put(state, prog.state_shardings)
     printer(f"resumed from {ck.root}/{step}")
+    changed = ckpt.config_diff(meta["train"], config) if "train" in meta else []
+    if changed:
+      printer("config changed since the checkpoint:\n  " + "\n  ".join(changed))
     return state, step
   state = prog.init()
   if init_from:
@@ -126,7 +154,12 @@ def save(ck, state: TrainState, step: int, data, cfg: TrainConfig, force=False) 
   if not (force or ck.should_save(step)):
     return False  # decided before `int(state.skipped)`, which would wait for the device
   opt = {"opt": state.opt_state, "step": state.step, "skipped": state.skipped}
-  meta = {"model": to_dict(cfg.model), "step": step, "skipped": int(state.skipped)}
+  meta = {
+    "model": to_dict(cfg.model),
+    "train": dataclasses.asdict(cfg),  # resume diffs it against the config of the day
+    "step": step,
+    "skipped": int(state.skipped),
+  }
   return ck.save(step, state.params, opt, data.get_state(), meta, force=force)
 
 
@@ -168,10 +201,7 @@ def train(
   printer = printer if jax.process_index() == 0 else (lambda *_: None)
   mesh = shd.make_mesh(cfg.mesh)
   printer(f"workdir {workdir}; mesh {dict(mesh.shape)}; {jax.process_count()} process(es)")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2)
-  tok, data, evals = build_data(cfg, workdir, printer)
+  tok, data, evals, data_stats = build_data(cfg, workdir, printer)
   prog = make_program(cfg, mesh)
   ck = ckpt.Checkpointer(
     workdir,
@@ -179,8 +209,15 @@ def train(
     keep=cfg.keep_checkpoints,
     async_save=cfg.async_checkpoint,
   )
-  state, start = initial_state(prog, ck, data, printer, cfg.init_from)
+  try:
+    state, start = initial_state(prog, ck, data, printer, cfg.init_from)
+  except BaseException:
+    ck.close()
+    raise
+  # Only now: a resume that fails (e.g. CheckpointMismatchError) leaves config.json as it was.
+  ckpt._write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
   writer = MetricsWriter(workdir, cfg.num_steps, printer)
+  writer.write(start, data_stats.metrics(), prefix="data")
   preempted = []
   old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   tokens_seen, t_log, steps_since = 0.0, time.time(), 0
@@ -238,6 +275,7 @@ def train(
     "skipped_steps": int(state.skipped),
     "wall_s": round(time.time() - writer.t_start, 1),
     "tokens": tokens_seen,
+    "data": data_stats.metrics(),
   }
   if evals is not None:
     summary["final_eval_ce"] = evaluate(prog, state.params, evals, cfg.eval_batches)
