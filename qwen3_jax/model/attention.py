@@ -1,9 +1,10 @@
 """Grouped-query attention with QK-norm and RoPE (Qwen3): `full` causal or `sparse`.
 
 `Attention(cfg, kind="full" | "sparse")`. Sparse = causal sliding window of `window` real keys
-(the query itself included) + the `max_globals` most recent global tokens, computed blockwise;
-the exact visibility rule and the placement of global tokens are in `sparse_attention.py`.
-A full layer sees every earlier position of the interleaved (real + global) sequence.
+(the query itself included) + the `max_globals` most recent global tokens of the query's
+document, computed blockwise; the exact visibility rule and the per-document placement of
+global tokens are in `sparse_attention.py`. A full layer sees every earlier position of its
+document in the interleaved (real + global) sequence.
 With a KV cache, a chunk attends to its own keys (blockwise / dense as above) and to the
 cached ones (dense over the cache's rings, see `kv_cache.py`); the two softmax partials are
 merged with their log-sum-exps, so cached decoding equals the full forward pass.
