@@ -413,6 +413,8 @@ def test_bad_attention_config_raises():
     C.AttentionConfig(block_size=0)
   with pytest.raises(ValueError, match="window"):
     C.AttentionConfig(window=0)
+  with pytest.raises(ValueError, match="max_docs_per_row"):
+    C.AttentionConfig(max_docs_per_row=-1)
   with pytest.raises(ValueError, match="attention kind"):
     Attention(C.tiny(), kind="local", rngs=nnx.Rngs(0))
 
