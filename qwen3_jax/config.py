@@ -87,10 +87,16 @@ class AttentionConfig:
   # sparse: each query sees the last `window` real tokens, itself included (real slot t sees
   # slots t-window+1..t; globals are not counted in the window).
   window: int = 512
-  # A learnable global token is inserted before real slots 0, g, 2g, ... (g = global_every);
-  # it takes that slot's position and segment and sees only earlier tokens. 0 = none.
+  # A learnable global token is inserted before each document's tokens at document offsets
+  # 0, g, 2g, ... (g = global_every; not in padding, segment id 0); it takes that token's
+  # position and segment and sees only earlier tokens of its document. 0 = none.
   global_every: int = 64
   max_globals: int = 64  # sparse: a query sees at most this many most recent globals; 0 = all.
+  # Most documents (runs of one nonzero segment id) in one row of a packed batch; sizes the
+  # global slots per row: min(L, (L + D * (g - 1)) // g) for L tokens, D = this (1 without
+  # segment ids). A row holding more raises. 0 = no cap (L slots: exact for any packing).
+  # Set the packer's data.max_docs_per_row to the same value.
+  max_docs_per_row: int = 16
   block_size: int = 128  # sparse: query/key block length of the blockwise computation.
   pattern: tuple[
     str, ...
@@ -104,6 +110,10 @@ class AttentionConfig:
       raise ValueError(f"attention.window must be >= 1, got {self.window}")
     if self.global_every < 0 or self.max_globals < 0:
       raise ValueError("attention.global_every and attention.max_globals must be >= 0")
+    if self.max_docs_per_row < 0:
+      raise ValueError(
+        f"attention.max_docs_per_row must be >= 0 (0 = no cap), got {self.max_docs_per_row}"
+      )
     if self.block_size < 1:
       raise ValueError(f"attention.block_size must be >= 1, got {self.block_size}")
 

@@ -1,9 +1,10 @@
 """Sparse attention vs. an explicit dense reference, causality, and a sharded run.
 
-The reference builds the interleaved sequence (global j right before real slot j*g) and its
-mask from the documented rule stated by counting in that order ("the key is one of the last w
-real tokens / last M globals at or before the query, same segment"), independently of the
-anchor/count arithmetic used by the implementation.
+The reference builds each row's interleaved sequence by walking the row (a global right before
+every token whose offset in its document, a run of one nonzero segment id, is a multiple of g)
+and its mask from the documented rule stated by counting in that order ("the key is at or before
+the query, in its segment, and one of the last w real tokens / the last M globals of its
+document"), independently of the cummax / anchor / count arithmetic of the implementation.
 """
 
 import jax
@@ -16,7 +17,12 @@ from numerics import assert_close
 from qwen3_jax import config as C
 from qwen3_jax import sharding
 from qwen3_jax.model.attention import Attention, full_attention
-from qwen3_jax.model.sparse_attention import make_layout, sparse_attention
+from qwen3_jax.model.sparse_attention import (
+  check_documents,
+  global_slots,
+  make_layout,
+  sparse_attention,
+)
 from qwen3_jax.model.transformer import Qwen3
 
 B, H, KH, DH = 2, 4, 2, 8
@@ -25,28 +31,28 @@ FAST = {"xla_backend_optimization_level": 0}
 BLOCK = 8
 
 
-def interleaved(l, g, seg):
-  """Rows (is_global, index, segment) of the interleaved order for L real tokens."""
-  rows = []
-  for t in range(l):
-    if g and t % g == 0:
-      rows.append((True, t // g, seg[:, t]))
-    rows.append((False, t, seg[:, t]))
+def interleaved(seg_row, g):
+  """(is_global, index, segment) of one row's interleaved order, found by walking the row."""
+  rows, n_glob, off = [], 0, 0
+  for t, s in enumerate(seg_row):
+    off = off + 1 if t and seg_row[t - 1] == s else 0
+    if g and s != 0 and off % g == 0:
+      rows.append((True, n_glob, s))
+      n_glob += 1
+    rows.append((False, t, s))
   return rows
 
 
-def reference_mask(l, g, seg, w, m):
-  """[B, n, n] mask over the interleaved order, from the rule stated by counting."""
-  rows = interleaved(l, g, seg)
+def reference_mask(rows, w, m):
+  """[n, n] mask over one row's interleaved order, from the rule stated by counting."""
   n = len(rows)
-  mask = np.zeros((seg.shape[0], n, n), bool)
+  mask = np.zeros((n, n), bool)
   for qi in range(n):
     reals = [ki for ki in range(qi + 1) if not rows[ki][0]]
-    globs = [ki for ki in range(qi + 1) if rows[ki][0]]
-    allowed = set(reals[-w:] if w else reals) | set(globs[-m:] if m else globs)
-    for ki in allowed:
-      mask[:, qi, ki] = rows[qi][2] == rows[ki][2]
-  return rows, mask
+    globs = [ki for ki in range(qi + 1) if rows[ki][0] and rows[ki][2] == rows[qi][2]]
+    for ki in set(reals[-w:] if w else reals) | set(globs[-m:] if m else globs):
+      mask[qi, ki] = rows[qi][2] == rows[ki][2]
+  return mask
 
 
 def reference_attention(q, k, v, mask):
@@ -56,11 +62,6 @@ def reference_attention(q, k, v, mask):
   logits = jnp.einsum("bqhd,bshd->bhqs", q, kr)
   logits = jnp.where(mask[:, None], logits, -1e30)
   return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, axis=-1), vr)
-
-
-def to_interleaved(rows, real, glob):
-  """Gathers [B, L, ...] real and [B, Ng, ...] global arrays into the interleaved order."""
-  return jnp.stack([glob[:, i] if is_g else real[:, i] for is_g, i, _ in rows], axis=1)
 
 
 def random_qkv(l, ng, seed):
@@ -79,44 +80,78 @@ def packed_segments(l, packed):
   return seg
 
 
+def row_segments(parts, l):
+  """[L] segment ids from (id, length) parts (id 0 = padding), padded with 0 to L."""
+  seg = np.concatenate([np.full(n, i, np.int32) for i, n in parts] + [np.zeros(l, np.int32)])
+  return seg[:l]
+
+
+DOCS = {  # B = 2 rows of documents; many start inside a query block and off the g grid.
+  "one": lambda l: np.ones((B, l), np.int32),
+  "packed": lambda l: np.stack(
+    [
+      row_segments([(1, 7), (2, 5), (3, l - 12)], l),
+      row_segments([(0, 3), (1, l - 5)], l),  # left padding, document, trailing padding
+    ]
+  ),
+  "many": lambda l: np.stack(
+    [
+      row_segments([(1, 1), (2, 3), (3, 1), (4, 2), (5, 5), (6, l - 12)], l),
+      row_segments([(0, 2), (1, 2), (2, 6), (3, 1), (4, l - 11)], l),
+    ]
+  ),
+}
+
 CASES = [
-  # (L, global_every, window, max_globals, packed); block size 8: windows 1, b-1, b, b+1.
-  (16, 0, 1, 0, False),
-  (19, 0, BLOCK + 1, 0, True),
-  (16, 4, BLOCK, 2, True),
-  (19, 4, BLOCK - 1, 2, False),
-  (21, 4, BLOCK + 1, 3, True),
-  (19, 4, 1, 2, False),
-  (19, 3, 2 * BLOCK + 1, 0, False),  # max_globals = 0: every earlier global
-  (13, 5, 100, 1, True),  # window longer than the sequence
+  # (L, global_every, window, max_globals, documents, max_docs: None = the rows' own count);
+  # block size 8: windows 1, b-1, b, b+1.
+  (16, 0, 1, 0, "one", None),
+  (19, 0, BLOCK + 1, 0, "packed", None),
+  (16, 4, BLOCK, 2, "packed", None),
+  (19, 4, BLOCK - 1, 2, "one", None),
+  (21, 4, BLOCK + 1, 3, "packed", None),
+  (19, 4, 1, 2, "many", None),
+  (19, 3, 2 * BLOCK + 1, 0, "many", 0),  # max_globals = 0: every earlier global; no doc cap
+  (13, 5, 100, 1, "packed", 8),  # window longer than the sequence; a loose doc cap
+  (21, 2, BLOCK, 1, "many", None),  # up to 5 documents start in one block, M = 1
 ]
 
 
-@pytest.mark.parametrize("l,g,w,m,packed", CASES)
-def test_sparse_matches_dense_reference(l, g, w, m, packed):
-  layout = make_layout(l, 0, g)
+@pytest.mark.parametrize("l,g,w,m,docs,cap", CASES)
+def test_sparse_matches_dense_reference(l, g, w, m, docs, cap):
+  seg = DOCS[docs](l)
+  rows = [interleaved(list(seg[b]), g) for b in range(B)]
+  n_docs = max(sum(1 for t in range(l) if s[t] and (t == 0 or s[t - 1] != s[t])) for s in seg)
+  layout = make_layout(jnp.asarray(seg), g, n_docs if cap is None else cap)
   ng = layout.num_globals
+  n_glob = [sum(r[0] for r in rr) for rr in rows]
+  assert max(n_glob) <= ng == global_slots(l, g, n_docs if cap is None else cap)
+  np.testing.assert_array_equal(np.asarray(layout.glob_valid).sum(1), n_glob)
+  gvalid = np.arange(ng)[None, :] < np.array(n_glob)[:, None]  # [B, Ng]
   q, k, v, qg, kg, vg = random_qkv(l, ng, seed=l + 7 * w + g)
-  seg = packed_segments(l, packed)
-  gseg = seg[:, [j * g for j in range(ng)]] if ng else np.zeros((B, 0), np.int32)
-  rows, mask = reference_mask(l, g, seg, w, m)
-  real_pos = [i for i, r in enumerate(rows) if not r[0]]
-  glob_pos = [i for i, r in enumerate(rows) if r[0]]
+  off = np.clip(np.asarray(layout.glob_offset), 0, l - 1)
+  gseg = np.where(gvalid, np.take_along_axis(seg, off, 1), 0)
 
   def ours(q, k, v, qg, kg, vg):
     (o, _), gl = sparse_attention(
       q, k, v, jnp.asarray(seg), qg, kg, vg, jnp.asarray(gseg), layout, w, m, BLOCK
     )
-    return o, (gl[0] if gl is not None else qg)
+    return o, (gl[0] * gvalid[:, :, None, None] if gl is not None else qg)
 
   def ref(q, k, v, qg, kg, vg):
-    o = reference_attention(
-      to_interleaved(rows, q, qg),
-      to_interleaved(rows, k, kg),
-      to_interleaved(rows, v, vg),
-      jnp.asarray(mask),
-    )
-    return o[:, real_pos], (o[:, glob_pos] if ng else qg)
+    outs, gouts = [], []
+    for b in range(B):  # rows interleave differently: one row at a time
+
+      def order(real, glob, b=b):
+        return jnp.stack([glob[b, i] if is_g else real[b, i] for is_g, i, _ in rows[b]])[None]
+
+      mask = jnp.asarray(reference_mask(rows[b], w, m))[None]
+      o = reference_attention(order(q, qg), order(k, kg), order(v, vg), mask)[0]
+      outs.append(o[jnp.asarray([i for i, r in enumerate(rows[b]) if not r[0]])])
+      gpos = [i for i, r in enumerate(rows[b]) if r[0]]
+      go = o[jnp.asarray(gpos, jnp.int32)] if gpos else jnp.zeros((0, H, DH))
+      gouts.append(jnp.concatenate([go, jnp.zeros((ng - len(gpos), H, DH))]))
+    return jnp.stack(outs), (jnp.stack(gouts) if ng else qg)
 
   args = (q, k, v, qg, kg, vg)
   rng = np.random.default_rng(1)
@@ -137,6 +172,39 @@ def test_sparse_matches_dense_reference(l, g, w, m, packed):
   for a, b_ in zip(g_ours, g_ref, strict=True):
     assert np.all(np.isfinite(a))
     np.testing.assert_allclose(a, b_, atol=5e-6, rtol=1e-5)
+
+
+def test_global_slots_bound_holds_and_is_tight():
+  """Random packings never need more than global_slots(L, g, D), and some packing needs it."""
+  rng = np.random.default_rng(0)
+  l, g = 23, 4
+  for _ in range(20):
+    cuts = np.sort(rng.choice(np.arange(1, l), rng.integers(0, 6), replace=False))
+    seg = np.zeros(l, np.int32)
+    for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, l], strict=True)):
+      seg[a:b] = (i + 1) * int(rng.random() > 0.2)  # some runs are padding
+    lay = make_layout(jnp.asarray(seg[None]), g, 6)
+    n = sum(r[0] for r in interleaved(list(seg), g))
+    assert int(lay.docs[0]) <= 6 and int(lay.seen[0, -1]) == n <= lay.num_globals
+  tight = row_segments([(1, 5), (2, 1), (3, 9), (4, 8)], l)  # 2 + 1 + 3 + 2 = 8 globals
+  assert int(make_layout(jnp.asarray(tight[None]), g, 4).seen[0, -1]) == global_slots(l, g, 4)
+
+
+def test_too_many_documents_raise():
+  """A row with more documents than max_docs raises, eagerly and inside jit."""
+  seg = jnp.asarray(np.stack([row_segments([(1, 3), (2, 3), (3, 6)], 12)] * 2))
+  check_documents(make_layout(seg, 4, 3))
+  with pytest.raises(ValueError, match=r"holds 3 documents.*max_docs_per_row=2"):
+    check_documents(make_layout(seg, 4, 2))
+
+  @jax.jit
+  def run(seg):
+    layout = make_layout(seg, 4, 2)
+    check_documents(layout)
+    return layout.glob_offset
+
+  with pytest.raises(Exception, match="max_docs_per_row=2"):
+    jax.block_until_ready(run(seg))
 
 
 def test_fully_masked_rows_are_zero_not_nan():
@@ -262,7 +330,7 @@ def test_no_future_leakage_exact_zero_jacobian(kind):
   cfg = _tiny((kind,))
   attn = Attention(cfg, kind=kind, rngs=nnx.Rngs(0))
   l = 14
-  layout = make_layout(l, 0, 4)
+  layout = make_layout(jnp.ones((1, l), jnp.int32), 4, 1)
   ng = layout.num_globals
   rng = np.random.default_rng(3)
   xg = jnp.asarray(rng.standard_normal((1, ng, cfg.hidden_size)), jnp.float32)
@@ -297,6 +365,30 @@ def test_model_changing_future_tokens_leaves_past_logits_bitwise():
     assert np.any(base[:, t] != other[:, t])
 
 
+@pytest.mark.parametrize("pattern", [("sparse",), ("sparse", "full")])
+def test_document_logits_do_not_depend_on_its_row_offset(pattern):
+  """One document at offsets 0, 5 and 37 of packed rows (next to other documents) gives the
+  same logits: global tokens follow the document's own offsets, not the row's slots."""
+  cfg = _tiny(pattern, max_docs_per_row=3)
+  l, n = 48, 11  # global_every 4: the document holds 3 globals; 5 and 37 are off the grid
+  rng = np.random.default_rng(4)
+  doc = rng.integers(0, cfg.vocab_size, n)
+  toks = rng.integers(0, cfg.vocab_size, (3, l))
+  offsets, parts = (0, 5, 37), ([(9, n), (1, 20), (2, 17)], [(1, 5), (9, n)], [(1, 30), (2, 7)])
+  seg = np.stack([row_segments(p, l) for p in parts])
+  seg[1, 5 + n :], seg[2, 37:] = 2, 9  # row 1: a trailing document; row 2: ours at 37
+  for r, o in enumerate(offsets):
+    toks[r, o : o + n] = doc
+  model = Qwen3(cfg, rngs=nnx.Rngs(0))
+  fwd = jax.jit(
+    lambda state, t, s: nnx.merge(*state)(t, segment_ids=s).logits, compiler_options=FAST
+  )
+  logits = np.asarray(fwd(nnx.split(model), jnp.asarray(toks), jnp.asarray(seg)))
+  want = logits[0, :n]
+  for r, o in enumerate(offsets[1:], 1):
+    assert_close(logits[r, o : o + n], want, 1e-5, f"document at offset {o}")
+
+
 def test_sharded_8_devices_matches_one_device():
   cfg = _tiny(("sparse", "full")).replace(num_experts=0)
   toks = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (4, 19)))
@@ -321,6 +413,8 @@ def test_bad_attention_config_raises():
     C.AttentionConfig(block_size=0)
   with pytest.raises(ValueError, match="window"):
     C.AttentionConfig(window=0)
+  with pytest.raises(ValueError, match="max_docs_per_row"):
+    C.AttentionConfig(max_docs_per_row=-1)
   with pytest.raises(ValueError, match="attention kind"):
     Attention(C.tiny(), kind="local", rngs=nnx.Rngs(0))
 

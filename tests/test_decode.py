@@ -13,9 +13,9 @@ L, PAD = 19, 3  # row 1 is left-padded with PAD tokens of segment 0 (as in batch
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs: skip LLVM optimisation
 
 
-def _cfg(pattern):
+def _cfg(pattern, **att):
   attention = C.AttentionConfig(
-    pattern=pattern, window=6, global_every=4, max_globals=2, block_size=4
+    pattern=pattern, window=6, global_every=4, max_globals=2, block_size=4, **att
   )
   return C.tiny(attention=attention, moe=C.MoEConfig(strategy="dense"))
 
@@ -77,6 +77,35 @@ def test_default_moe_decode_equals_full_forward(batch):
     assert float(dropped) == 0.0
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_rows_in_unaligned_chunks_equal_full_forward():
+  """Rows holding two documents (row 0: 6 + 13 tokens) or left padding + one document (row 1),
+  decoded in chunks that start off the global grid (0-5, 5-6, 6-13, 13-14, 14-19), with the
+  default positions (document offsets, continued across chunks): equal to one full forward
+  pass. Globals sit at each document's offsets 0, 4, 8, ...; a chunk may begin mid-document
+  (5, 13, 14) or start a new one (6)."""
+  cfg = _cfg(("sparse", "full"), max_docs_per_row=2)  # sparse rings wrap; full keeps all
+  graphdef, state = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(2)))
+  toks = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, L)))
+  seg = np.ones((2, L), np.int32)
+  seg[0, 6:], seg[1, :PAD] = 2, 0
+  seg = jnp.asarray(seg)
+
+  @jax.jit(compiler_options=FAST)
+  def forward(state, toks, seg, cache):
+    out = nnx.merge(graphdef, state)(toks, segment_ids=seg, cache=cache)
+    return out.logits, out.cache
+
+  want, _ = forward(state, toks, seg, None)
+  cache, got = init_cache(cfg, 2, L), []
+  for a, b in [(0, 5), (5, 6), (6, 13), (13, 14), (14, 19)]:
+    logits, cache = forward(state, toks[:, a:b], seg[:, a:b], cache)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
+  # Row 0: 2 + 4 globals (documents of 6 and 13 tokens); row 1: 4 (16 tokens after padding).
+  np.testing.assert_array_equal(cache.globals, [6, 4])
+  np.testing.assert_array_equal(cache.offset, [13, 16])
 
 
 def test_global_token_changes_logits_and_bad_cache_args_raise():

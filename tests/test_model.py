@@ -350,7 +350,7 @@ def test_mixed_layers_match_an_unrolled_layer_loop(inputs, kw, moe_layers, perio
     x = model.embed_tokens(tokens)
     pos = default_positions(tokens, None)
     seg = jnp.ones(tokens.shape, jnp.int32)
-    layout = make_layout(tokens.shape[1], 0, 0)  # full attention: no global tokens
+    layout = make_layout(seg, 0)  # full attention: no global tokens
     auxes = []
     for i in range(cfg.num_hidden_layers):
       r, j = divmod(i, period)

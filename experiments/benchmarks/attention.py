@@ -59,9 +59,9 @@ def _layer_fn(strategy: str, n: int):
       return jnp.sum(out * ct)
 
     return loss, (q, k, v)
-  layout = make_layout(n, 0, EVERY)
-  gshape = (1, layout.num_globals, HEADS, HEAD_DIM)
   seg = jnp.ones((1, n), jnp.int32)
+  layout = make_layout(seg, EVERY, 1)  # one document: ceil(n / EVERY) global slots
+  gshape = (1, layout.num_globals, HEADS, HEAD_DIM)
   gseg = jnp.ones((1, layout.num_globals), jnp.int32)
   gct = arr(gshape)
 

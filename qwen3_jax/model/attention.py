@@ -1,9 +1,10 @@
 """Grouped-query attention with QK-norm and RoPE (Qwen3): `full` causal or `sparse`.
 
 `Attention(cfg, kind="full" | "sparse")`. Sparse = causal sliding window of `window` real keys
-(the query itself included) + the `max_globals` most recent global tokens, computed blockwise;
-the exact visibility rule and the placement of global tokens are in `sparse_attention.py`.
-A full layer sees every earlier position of the interleaved (real + global) sequence.
+(the query itself included) + the `max_globals` most recent global tokens of the query's
+document, computed blockwise; the exact visibility rule and the per-document placement of
+global tokens are in `sparse_attention.py`. A full layer sees every earlier position of its
+document in the interleaved (real + global) sequence.
 With a KV cache, a chunk attends to its own keys (blockwise / dense as above) and to the
 cached ones (dense over the cache's rings, see `kv_cache.py`); the two softmax partials are
 merged with their log-sum-exps, so cached decoding equals the full forward pass.
@@ -215,18 +216,19 @@ class Attention(nnx.Module):
     Args:
       x: [B, L + Ng, D] (real tokens then global tokens, see `layout`).
       positions: [B, L + Ng] RoPE positions; segment_ids: [B, L + Ng] or None (one segment).
-      layout: where the chunk sits; None = L real tokens from slot 0, no global tokens.
+      layout: where the chunk's tokens sit (`make_layout`); None = L real tokens from slot
+        0 in the segments `segment_ids`, no global tokens.
       cache: this layer's KV-cache dict (`kv_cache.py`) or None.
 
     Returns:
       (y [B, L + Ng, D], updated cache dict or None).
     """
     b, n, _ = x.shape
-    if layout is None:
-      layout = make_layout(n, 0, 0)
     one_segment = segment_ids is None
     if one_segment:
       segment_ids = jnp.ones((b, n), jnp.int32)
+    if layout is None:
+      layout = make_layout(segment_ids, 0)
     cfg, att, l = self.cfg, self.cfg.attention, layout.num_real
     c = lambda p: p[...].astype(x.dtype)  # noqa: E731
     q = self.q_norm(linear(x, c(self.q_proj)))  # [B, L, H, Dh]
@@ -253,7 +255,7 @@ class Attention(nnx.Module):
     else:
       out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
     if cache is not None:
-      ck, cv, c_meta = kv_cache.key_meta(cache, layout.start, layout.every)
+      ck, cv, c_meta = kv_cache.key_meta(cache, layout.start)
       out_c, lse_c = dense_attention(q, ck, cv, q_meta, c_meta, w, m)
       out, _ = merge(out, lse, out_c, lse_c)
       cache = kv_cache.write(

@@ -3,14 +3,21 @@
 Layout of one layer's cache (a dict; leaves get a leading [R] repeat axis in `KVCache`):
   k, v:   [B, S, K, Dh]  real tokens' keys/values; slot t lives at index t % S
   seg:    [B, S] int32   their segment ids (-1 = never written)
-  gk, gv: [B, Gs, K, Dh] global tokens' keys/values; global number j at index j % Gs
-  gseg:   [B, Gs] int32  (only when the model has global tokens)
-Capacities: a `full` layer keeps everything (S = max_len, Gs = ceil(max_len / g)) and writing
-past max_len is an error (`check_room`), never a silent sliding window; a `sparse`
-layer keeps a ring of its window (S = min(w, max_len)) and of its global cap (Gs = min(M,
-ceil(max_len / g)), all globals when M = 0). Which slot or global number an entry holds is not
+  gk, gv: [B, Gs, K, Dh] global tokens' keys/values, per row: the row's n-th global token
+                         (n counted over the row's life, `KVCache.globals`) at index n % Gs
+  gseg:   [B, Gs] int32  their segment ids (-1 = never written)
+  gslot:  [B, Gs] int32  slot of the real token each global precedes
+  gnum:   [B, Gs] int32  its number within its document (`sparse_attention.py`)
+The global entries exist only when the model has global tokens. Capacities: a `full` layer
+keeps everything (S = max_len, Gs = ceil(max_len / g)) and writing past max_len is an error
+(`check_room`), never a silent sliding window; a `sparse` layer keeps a ring of its
+window (S = min(w, max_len)) and of its global cap (Gs = min(M, ceil(max_len / g)), all
+globals when M = 0). A ring keeps a row's newest globals, and a query needs only the newest of
+its own document (the row's last one), of which there are at most ceil(max_len / g): so these
+capacities hold for rows with several documents too. Which slot a real entry holds is not
 stored: it follows from `KVCache.length` (the number of real tokens written so far), because
-every chunk writes consecutive slots starting at `length`.
+every chunk writes consecutive slots starting at `length`; globals are placed per document, so
+rows differ and their slots and numbers are stored.
 """
 
 from __future__ import annotations
@@ -36,13 +43,47 @@ class KVCache:
       row; left-pad prompts with segment id 0 to align rows).
     layers: one dict per sub-layer of the scanned unit (see `layer_period`), leaves with a
       leading [R] (repeats) axis; see the module docstring for the keys.
+    seg: [B] int32 segment id of each row's last token (-1 before the first chunk).
+    offset: [B] int32 document offset of each row's next token if it continues that segment.
+    globals: [B] int32 global tokens each row holds so far (its global rings' write position).
   """
 
   length: jax.Array
   layers: tuple[dict[str, jax.Array], ...]
+  seg: jax.Array
+  offset: jax.Array
+  globals: jax.Array
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["length", "layers"], meta_fields=[])
+jax.tree_util.register_dataclass(
+  KVCache, data_fields=["length", "layers", "seg", "offset", "globals"], meta_fields=[]
+)
+
+
+def new_cache(layers: tuple[dict[str, jax.Array], ...], batch: int) -> KVCache:
+  """An empty `KVCache` around freshly initialised per-layer dicts."""
+  return KVCache(
+    length=jnp.zeros((), jnp.int32),
+    layers=layers,
+    seg=jnp.full((batch,), -1, jnp.int32),
+    offset=jnp.zeros((batch,), jnp.int32),
+    globals=jnp.zeros((batch,), jnp.int32),
+  )
+
+
+def advance(cache: KVCache, layers, layout: Layout, seg) -> KVCache:
+  """The cache after a chunk: its layers, and each row's length / document / global state.
+
+  Args:
+    layers: the layers' updated dicts; layout: the chunk's `Layout`; seg: [B, L] its ids.
+  """
+  return KVCache(
+    length=cache.length + layout.num_real,
+    layers=layers,
+    seg=seg[:, -1].astype(jnp.int32),
+    offset=layout.offset[:, -1] + 1,
+    globals=cache.globals + layout.seen[:, -1],
+  )
 
 
 def global_every(cfg: ModelConfig) -> int:
@@ -74,6 +115,8 @@ def init_layer_cache(cfg, kind, batch, max_len, repeats, dtype) -> dict[str, jax
     out["gk"] = jnp.zeros((repeats, batch, gs, kh, dh), dtype)
     out["gv"] = jnp.zeros((repeats, batch, gs, kh, dh), dtype)
     out["gseg"] = jnp.full((repeats, batch, gs), -1, jnp.int32)
+    out["gslot"] = jnp.full((repeats, batch, gs), -1, jnp.int32)
+    out["gnum"] = jnp.full((repeats, batch, gs), -1, jnp.int32)
   return out
 
 
@@ -83,27 +126,39 @@ def _ring_index(count, cap: int) -> jax.Array:
   return s + cap * ((count - 1 - s) // cap)  # < 0: never written
 
 
-def key_meta(layer: dict, length, every: int):
-  """(keys, values, (is_global [S], index [S], seg [B, S], valid [S])) of a layer's cache."""
-  t = _ring_index(length, layer["k"].shape[1])
+def key_meta(layer: dict, length):
+  """A layer's cached keys, values and their metadata for `sparse_attention.visible`.
+
+  Returns:
+    (k [B, S + Gs, K, Dh], v, (is_global [S + Gs], slot, number, seg, valid: [B, S + Gs])).
+  """
   k, v, seg = layer["k"], layer["v"], layer["seg"]
-  is_g = jnp.zeros_like(t, bool)
-  index = t
+  b = seg.shape[0]
+  t = jnp.broadcast_to(_ring_index(length, k.shape[1]), (b, k.shape[1]))  # [B, S]
+  is_g = jnp.zeros((k.shape[1],), bool)
+  slot, number, valid = t, jnp.zeros_like(t), t >= 0
   if "gk" in layer:
-    j = _ring_index((length + every - 1) // every, layer["gk"].shape[1])
     k = jnp.concatenate([k, layer["gk"]], axis=1)
     v = jnp.concatenate([v, layer["gv"]], axis=1)
     seg = jnp.concatenate([seg, layer["gseg"]], axis=1)
-    is_g = jnp.concatenate([is_g, jnp.ones_like(j, bool)])
-    index = jnp.concatenate([t, j])
-  return k, v, (is_g, index, seg, index >= 0)
+    is_g = jnp.concatenate([is_g, jnp.ones((layer["gk"].shape[1],), bool)])
+    slot = jnp.concatenate([slot, layer["gslot"]], axis=1)
+    number = jnp.concatenate([number, layer["gnum"]], axis=1)
+    valid = jnp.concatenate([valid, layer["gslot"] >= 0], axis=1)
+  return k, v, (is_g, slot, number, seg, valid)
+
+
+def _set_rows(ring, idx, new):
+  """ring [B, C, ...], idx [B, N] (C = dropped), new [B, N, ...] -> ring with rows set."""
+  return jax.vmap(lambda r, i, x: r.at[i].set(x.astype(r.dtype), mode="drop"))(ring, idx, new)
 
 
 def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
   """Writes a chunk's K/V into the rings; only the newest S (Gs) items of the chunk are kept.
 
   Args:
-    k, v: [B, L, K, Dh]; seg: [B, L]; kg, vg: [B, Ng, K, Dh]; gseg: [B, Ng].
+    k, v: [B, L, K, Dh]; seg: [B, L]; kg, vg: [B, Ng, K, Dh]; gseg: [B, Ng] (the layout's
+      per-row global slots; a row's n-th global of the chunk is its glob_start + n-th).
   """
   out = dict(layer)
   cap = layer["k"].shape[1]
@@ -115,12 +170,15 @@ def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
   out["seg"] = layer["seg"].at[:, idx].set(seg.astype(jnp.int32), mode="drop")
   if "gk" in layer and layout.num_globals:
     gcap = layer["gk"].shape[1]
-    j = layout.global_numbers
-    last = (end + layout.every - 1) // layout.every - 1  # newest global number written
-    gidx = jnp.where(layout.global_valid & (j > last - gcap), j % gcap, gcap)
-    out["gk"] = layer["gk"].at[:, gidx].set(kg.astype(layer["gk"].dtype), mode="drop")
-    out["gv"] = layer["gv"].at[:, gidx].set(vg.astype(layer["gv"].dtype), mode="drop")
-    out["gseg"] = layer["gseg"].at[:, gidx].set(gseg.astype(jnp.int32), mode="drop")
+    n = jnp.arange(layout.num_globals, dtype=jnp.int32)[None, :]  # [1, Ng]
+    newest = n >= layout.seen[:, -1:] - gcap  # the chunk's newest gcap globals of each row
+    pos = (layout.glob_start[:, None] + n) % gcap
+    gidx = jnp.where(layout.glob_valid & newest, pos, gcap)
+    out["gk"] = _set_rows(layer["gk"], gidx, kg)
+    out["gv"] = _set_rows(layer["gv"], gidx, vg)
+    out["gseg"] = _set_rows(layer["gseg"], gidx, gseg)
+    out["gslot"] = _set_rows(layer["gslot"], gidx, layout.glob_slots)
+    out["gnum"] = _set_rows(layer["gnum"], gidx, layout.glob_number)
   for name in ("k", "v", "gk", "gv"):
     if name in out:
       out[name] = constrain(out[name], KV_AXES)

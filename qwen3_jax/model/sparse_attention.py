@@ -1,29 +1,54 @@
 """Causal sliding-window + global-token attention, computed blockwise (sub-quadratic).
 
-The model works on two streams per chunk: L real tokens at slots start..start+L-1 and Ng
-global tokens. Global number j (j = 0, 1, 2, ...) sits in the causal order immediately
-*before* real slot j*g (g = `global_every`): slots 0, g, 2g, ... are each preceded by one.
-Its RoPE position and segment are those of that next real token. Every rule below is stated
-with two integers per query:
+Documents. A document is a maximal run of equal, nonzero segment ids in a row (segment id 0
+is padding). A token's document offset p counts from its document's first token (0, 1, ...;
+with a KV cache it continues across chunks while the segment id does not change). These are
+the default RoPE positions, but global placement uses the offsets, not the positions given.
 
-  anchor a: the last real slot the query may see (a = t for real slot t, a = j*g - 1 for
-            global j: the real tokens strictly before it);
-  count c:  the newest global number the query may see (c = t // g for real slot t, c = j for
-            global j: itself).
+Global tokens. A learnable global token sits, in the causal order, immediately *before* each
+real token of document offset p = 0, g, 2g, ... (g = `global_every`); it is number j = p / g
+of its document, takes that token's RoPE position and segment, and belongs to that document.
+Padding gets none. Placement therefore depends only on the document, never on where the
+document sits in a packed row: the same document gives the same logits at any row offset.
+
+The model works on two streams per chunk: L real tokens at slots start..start+L-1 and Ng
+global slots per row (row r's globals in causal order, then unused slots). Every rule below
+is stated with, per query, three integers and its segment:
+
+  anchor a: the last real slot the query may see (a = t for real slot t, a = u - 1 for the
+            global before real slot u: the real tokens strictly before it);
+  time e:   the real slot at or after the query (e = t for real slot t, e = u for the global
+            before slot u);
+  count c:  the newest global number of its document it may see (c = p // g for a real token
+            of document offset p, c = j for global j: itself).
 
 A key is visible to a query iff it is valid, in the same segment, and
-  real key at slot s:    a - w < s <= a    (w = `window` real keys, the query itself included)
-  global key number i:   c - M < i <= c    (M = `max_globals` most recent globals)
-Full attention is the same rule with w = M = infinity. Globals are never part of the window
-band, so nothing is counted twice; a global sees only what precedes it and only later
-queries see it (causality holds in the interleaved order).
+  real key at slot s:                 a - w < s <= a   (w = `window` real keys, itself included)
+  global key before slot u', number i: u' <= e and c - M < i <= c   (M = `max_globals`)
+i.e. the last w real tokens and the M most recent globals of the query's own document.
+Full attention is the same rule with w = M = infinity: every earlier position (real or global)
+of the query's document. Globals are never part of the window band, so nothing is counted
+twice; a global sees only what precedes it and only later queries see it (causality holds in
+the interleaved order).
+
+Static bound on global slots. A piece of n tokens of one document holds at most ceil(n / g)
+multiples of g among its offsets, whatever offset it starts at; a chunk of L tokens holding at
+most D documents (pieces) therefore needs at most
+
+  Ng = min(L, floor((L + D * (g - 1)) / g))    [= ceil(L / g) when D = 1]
+
+global slots per row (`global_slots`; tight: D pieces of lengths = 1 mod g reach it). D is
+`AttentionConfig.max_docs_per_row` (0 = no cap: D = L), or 1 when the caller passes no
+segment ids. A row with more documents than D raises (`check_documents`), so a global is never
+silently dropped.
 
 Blockwise cost for real queries: each block of b queries reads ceil((w-1)/b)+1 key blocks
-plus one contiguous segment of M + (b-1)//g + 1 globals: O(L * (w + b + M)) compute and
-memory. Global queries read a gathered window of w real keys and M globals: O(L/g * (w + M)).
-No L x L array exists anywhere when M is finite (M = 0 means "all globals": quadratic).
-Shape letters: B batch, N blocks, Q queries per block, S keys, K kv heads, G q heads per kv
-head, Dh head dim.
+plus one contiguous run of M + floor((b - 1 + min(D, b - 1) * (g - 1)) / g) global slots (the M
+most recent at the block's first query and those the next b - 1 queries add): O(L * (w + b +
+M + min(D, b))) compute and memory. Global queries read a gathered window of w real keys and
+M globals: O(Ng * (w + M)). No L x L array exists anywhere when M is finite (M = 0 means "all
+globals": quadratic). Shape letters: B batch, N blocks, Q queries per block, S keys, K kv heads,
+G q heads per kv head, Dh head dim, Ng global slots per row.
 """
 
 from __future__ import annotations
@@ -32,66 +57,181 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -1e30  # Large finite negative: fully masked rows stay NaN-free.
 INF_SPAN = 1 << 30  # "Unlimited" window / global cap.
+_FAR = -(1 << 30)  # Before any slot.
+
+
+def global_slots(num_real: int, every: int, max_docs: int) -> int:
+  """Ng, the global slots a row of a chunk needs (module docstring).
+
+  Args:
+    num_real: L, real tokens in the chunk.
+    every: g (0 = no global tokens).
+    max_docs: D, most documents (pieces) in one row of the chunk; <= 0 or > L means L.
+  """
+  if not every:
+    return 0
+  d = num_real if max_docs <= 0 else min(max_docs, num_real)
+  return min(num_real, (num_real + d * (every - 1)) // every)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Where the real and global tokens of one chunk sit (a static + traced description).
+  """Where the real and global tokens of one chunk sit, per row (static + traced).
 
   Attributes:
     num_real: L, real tokens in the chunk (static).
-    num_globals: Ng = ceil(L / g) global slots in the chunk (static; 0 without globals).
-    start: [] int, slot of the chunk's first real token (0 without a KV cache).
+    num_globals: Ng global slots per row (static; 0 without globals), see `global_slots`.
     every: g, global_every (0 = no globals).
-  The chunk's global slot k holds global number j0 + k, j0 = ceil(start / g); it is valid iff
-  (j0 + k) * g < start + L (only the last slot can be invalid, e.g. in a 1-token decode step).
+    max_docs: D, documents a row of the chunk may hold (static, 1 <= D <= L).
+    start: [] int, slot of the chunk's first real token (0 without a KV cache).
+    glob_start: [B] int, global tokens each row held before the chunk (0 without a cache).
+    offset: [B, L] int32 document offset of each real token.
+    count: [B, L] int32 newest global number of its document a real token sees (offset // g).
+    seen: [B, L] int32 the row's global slots at or before each real token (inclusive).
+    docs: [B] int32 documents (pieces) in each row of the chunk.
+    glob_offset: [B, Ng] chunk offset of the real token each global slot precedes; L for an
+      unused slot (a row's globals come first, in causal order).
+    glob_number: [B, Ng] the global's number j within its document.
+    glob_valid: [B, Ng] bool, the slot holds a global.
   """
 
   num_real: int
   num_globals: int
-  start: jax.Array | int
   every: int
+  max_docs: int
+  start: jax.Array | int
+  glob_start: jax.Array | int
+  offset: jax.Array
+  count: jax.Array
+  seen: jax.Array
+  docs: jax.Array
+  glob_offset: jax.Array
+  glob_number: jax.Array
+  glob_valid: jax.Array
 
   @property
   def real_slots(self) -> jax.Array:  # [L]
     return self.start + jnp.arange(self.num_real, dtype=jnp.int32)
 
   @property
-  def global_numbers(self) -> jax.Array:  # [Ng]
-    g = max(self.every, 1)  # every = 0: no globals (num_globals = 0)
-    j0 = (self.start + g - 1) // g
-    return j0 + jnp.arange(self.num_globals, dtype=jnp.int32)
-
-  @property
-  def global_offsets(self) -> jax.Array:  # [Ng] chunk offset of the real token after each global
-    return self.global_numbers * self.every - self.start
-
-  @property
-  def global_valid(self) -> jax.Array:  # [Ng] bool
-    return self.global_offsets < self.num_real
+  def glob_slots(self) -> jax.Array:  # [B, Ng] slot of the real token after each global
+    return self.start + self.glob_offset
 
 
-def make_layout(num_real: int, start, every: int) -> Layout:
-  num_globals = -(-num_real // every) if every else 0
-  return Layout(num_real, num_globals, start, every)
+def _rows(x, idx):
+  """Per-row gather: x [B, N, ...], idx [B, ...] ints in [0, N) -> [B, *idx.shape[1:], ...]."""
+  return jax.vmap(lambda a, i: a[i])(x, idx)
 
 
-def visible(q_anchor, q_count, q_seg, k_global, k_index, k_seg, k_valid, window, max_globals):
+def make_layout(
+  seg, every: int, max_docs: int = 0, *, start=0, prev_seg=None, prev_offset=None, prev_globals=0
+) -> Layout:
+  """The chunk's documents and the global slots of each row.
+
+  Args:
+    seg: [B, L] int segment ids of the chunk's real tokens (0 = padding, ids >= 0).
+    every: g; 0 = no global tokens.
+    max_docs: D, documents (pieces) a row of the chunk may hold; 0 = no cap (D = L).
+    start: [] slot of the chunk's first token (the KV cache length).
+    prev_seg: [B] segment id of each row's token before the chunk (None or -1: none).
+    prev_offset: [B] document offset the chunk's first token has if it continues that
+      segment (None: 0).
+    prev_globals: [B] global tokens each row already holds (the cache's ring position).
+  Returns:
+    A `Layout`. A row holding more than D documents would get wrong global slots:
+    `check_documents(layout)` raises for it (the model runs it).
+  """
+  b, l = seg.shape
+  seg = seg.astype(jnp.int32)
+  idx = jnp.arange(l, dtype=jnp.int32)
+  prev_seg = jnp.full((b,), -1, jnp.int32) if prev_seg is None else prev_seg
+  prev_offset = jnp.zeros((b,), jnp.int32) if prev_offset is None else prev_offset
+  before = jnp.concatenate([prev_seg[:, None].astype(jnp.int32), seg[:, :-1]], axis=1)
+  new = seg != before  # [B, L] a document (or a padding run) starts here
+  # Run start as a chunk offset; -prev_offset for the run that continues the cached one.
+  run_start = jnp.maximum(
+    jax.lax.cummax(jnp.where(new, idx, _FAR), axis=1), -prev_offset[:, None].astype(jnp.int32)
+  )
+  offset = idx - run_start  # [B, L]
+  docs = jnp.sum((new | (idx == 0)) & (seg != 0), axis=1, dtype=jnp.int32)  # [B]
+  d = l if max_docs <= 0 else min(max_docs, l)
+  ng = global_slots(l, every, d)
+  g = max(every, 1)
+  needs = (seg != 0) & (offset % g == 0) & (every > 0)  # [B, L] a global precedes this token
+  seen = jnp.cumsum(needs, axis=1, dtype=jnp.int32)
+  rank = jnp.where(needs, seen - 1, ng)  # ng: out of range, dropped
+  goff = jax.vmap(lambda r: jnp.full((ng,), l, jnp.int32).at[r].set(idx, mode="drop"))(rank)
+  goff = goff if ng else jnp.zeros((b, 0), jnp.int32)
+  valid = goff < l
+  gnum = _rows(offset, jnp.clip(goff, 0, l - 1)) // g
+  return Layout(
+    num_real=l,
+    num_globals=ng,
+    every=every,
+    max_docs=d,
+    start=start,
+    glob_start=prev_globals,
+    offset=offset,
+    count=offset // g,
+    seen=seen,
+    docs=docs,
+    glob_offset=goff,
+    glob_number=jnp.where(valid, gnum, -1),
+    glob_valid=valid,
+  )
+
+
+def _documents_error(docs, max_docs: int, num_real: int) -> str:
+  return (
+    f"sparse attention: a row holds {int(docs.max())} documents (runs of one nonzero segment "
+    f"id) in a chunk of {num_real} tokens, more than attention.max_docs_per_row={max_docs}, "
+    f"which sizes the global-token slots per row; raise attention.max_docs_per_row (0 = no "
+    f"cap) or cap the packer's documents per row (data.max_docs_per_row). Documents per row: "
+    f"{docs.tolist()}"
+  )
+
+
+def check_documents(layout: Layout) -> None:
+  """Raises if some row holds more documents than the layout's global slots were sized for.
+
+  With concrete segment ids this raises `ValueError` now; under `jit` it adds a host callback
+  that raises when the program runs (surfacing as a runtime error carrying the same message).
+  Nothing is added when the bound cannot be exceeded (no globals, or D = L).
+  """
+  if not layout.num_globals or layout.max_docs >= layout.num_real:
+    return
+  d, l = layout.max_docs, layout.num_real
+
+  def check(docs):
+    docs = np.asarray(docs)
+    if docs.max(initial=0) > d:
+      raise ValueError(_documents_error(docs, d, l))
+
+  if isinstance(layout.docs, jax.core.Tracer):
+    jax.debug.callback(check, layout.docs)
+  else:
+    check(layout.docs)
+
+
+def visible(q_meta, k_meta, window, max_globals):
   """The visibility rule of the module docstring, broadcast over any leading shape.
 
   Args:
-    q_anchor, q_count: [..., Q, 1] ints; q_seg: [..., Q, 1].
-    k_global: [..., 1, S] bool (key is a global token); k_index: slot or global number;
-    k_seg: [..., 1, S]; k_valid: [..., 1, S] bool.
+    q_meta: (anchor, time, count, seg), each [..., Q, 1] ints.
+    k_meta: (is_global [..., 1, S] bool, slot, number, seg [..., 1, S] ints, valid
+      [..., 1, S] bool); slot of a global = the slot of the real token after it.
     window, max_globals: ints (INF_SPAN for unlimited).
   Returns:
     [..., Q, S] bool.
   """
-  real_ok = (k_index <= q_anchor) & (k_index > q_anchor - window)
-  glob_ok = (k_index <= q_count) & (k_index > q_count - max_globals)
+  anchor, time, count, q_seg = q_meta
+  k_global, k_slot, k_number, k_seg, k_valid = k_meta
+  real_ok = (k_slot <= anchor) & (k_slot > anchor - window)
+  glob_ok = (k_slot <= time) & (k_number <= count) & (k_number > count - max_globals)
   return jnp.where(k_global, glob_ok, real_ok) & k_valid & (q_seg == k_seg)
 
 
@@ -137,23 +277,17 @@ def dense_attention(q, k, v, q_meta, k_meta, window, max_globals):
 
   Args:
     q: [B, Q, H, Dh]; k, v: [B, S, K, Dh].
-    q_meta: (anchor [Q], count [Q], seg [B, Q]); k_meta: (is_global [S], index [S],
-      seg [B, S], valid [S]).
+    q_meta: (anchor, time, count, seg), each [B, Q]; k_meta: (is_global [S], slot [B, S],
+      number [B, S], seg [B, S], valid [B, S]); see `visible`.
   Returns:
     out [B, Q, H, Dh] float32, lse [B, Q, H].
   """
   b, nq, h, dh = q.shape
   kh = k.shape[2]
-  anchor, count, qseg = q_meta
-  is_g, index, kseg, valid = k_meta
+  is_g, *k_rest = k_meta
   mask = visible(
-    anchor[None, :, None],
-    count[None, :, None],
-    qseg[:, :, None],
-    is_g[None, None, :],
-    index[None, None, :],
-    kseg[:, None, :],
-    valid[None, None, :],
+    tuple(x[:, :, None] for x in q_meta),
+    (is_g[None, None, :],) + tuple(x[:, None, :] for x in k_rest),
     window,
     max_globals,
   )  # [B, Q, S]
@@ -163,17 +297,24 @@ def dense_attention(q, k, v, q_meta, k_meta, window, max_globals):
 
 
 def chunk_meta(layout: Layout, seg, gseg):
-  """Query and key metadata of a chunk's real tokens followed by its globals."""
-  t = layout.real_slots
-  g = max(layout.every, 1)
-  j = layout.global_numbers
-  anchor = jnp.concatenate([t, j * g - 1])
-  count = jnp.concatenate([t // g, j])
-  is_g = jnp.concatenate([jnp.zeros_like(t, bool), jnp.ones_like(j, bool)])
-  index = jnp.concatenate([t, j])
-  valid = jnp.concatenate([jnp.ones_like(t, bool), layout.global_valid])
+  """Query and key metadata (see `visible`) of a chunk's real tokens followed by its globals.
+
+  Args:
+    seg: [B, L]; gseg: [B, Ng].
+  Returns:
+    q_meta (anchor, time, count, seg), each [B, L + Ng]; k_meta (is_global [L + Ng], slot,
+    number, seg, valid, each [B, L + Ng]).
+  """
+  b = seg.shape[0]
+  t = jnp.broadcast_to(layout.real_slots, (b, layout.num_real))
+  u = layout.glob_slots
+  slot = jnp.concatenate([t, u], axis=1)
+  anchor = jnp.concatenate([t, u - 1], axis=1)
+  count = jnp.concatenate([layout.count, layout.glob_number], axis=1)
+  is_g = jnp.arange(layout.num_real + layout.num_globals) >= layout.num_real
+  valid = jnp.concatenate([jnp.ones_like(t, bool), layout.glob_valid], axis=1)
   seg_all = jnp.concatenate([seg, gseg], axis=1)
-  return (anchor, count, seg_all), (is_g, index, seg_all, valid)
+  return (anchor, slot, count, seg_all), (is_g, slot, count, seg_all, valid)
 
 
 def _pad_axis1(x, front, back, value=0):
@@ -187,11 +328,12 @@ def sparse_attention(q, k, v, seg, qg, kg, vg, gseg, layout, window, max_globals
 
   Args:
     q: [B, L, H, Dh] real queries (scaled); k, v: [B, L, K, Dh]; seg: [B, L] ints.
-    qg: [B, Ng, H, Dh] global queries; kg, vg: [B, Ng, K, Dh]; gseg: [B, Ng] (Ng may be 0).
+    qg: [B, Ng, H, Dh] global queries; kg, vg: [B, Ng, K, Dh]; gseg: [B, Ng] (Ng may be 0),
+      in the layout's per-row global slot order.
     layout: the chunk's Layout; window w >= 1; max_globals M (0 = all); block b.
   Returns:
-    (out [B, L, H, Dh], lse [B, L, H]) for real queries and the same for global queries,
-    float32.
+    (out [B, L, H, Dh], lse [B, L, H]) for real queries and the same for global queries
+    (None without globals), float32. Unused global slots give arbitrary finite values.
   """
   b_, l, h, dh = q.shape
   kh = k.shape[2]
@@ -223,24 +365,32 @@ def sparse_attention(q, k, v, seg, qg, kg, vg, gseg, layout, window, max_globals
   if ng:
     g = layout.every
     m_eff = min(m_cap, ng)
-    span = min(m_eff + (bs - 1) // g + 1, ng)  # globals one query block can see
-    j_all = layout.global_numbers
-    qc = (layout.start + qo) // g  # [N, b] newest visible global number
+    # Globals one query block can see: the m_eff most recent at its first query plus those
+    # placed before its other b - 1 queries (at most min(D, b - 1) documents start there).
+    d_blk = min(layout.max_docs, bs - 1)
+    span = min(m_eff + (bs - 1 + d_blk * (g - 1)) // g, ng)
     if span == ng:
-      gidx = jnp.broadcast_to(jnp.arange(ng), (nb, ng))
+      gidx = jnp.broadcast_to(jnp.arange(ng), (b_, nb, ng))
     else:
-      lo = (layout.start + jnp.arange(nb) * bs) // g - m_eff + 1 - j_all[0]  # [N]
-      gidx = lo[:, None] + jnp.arange(span)[None, :]  # [N, span] chunk global index
+      lo = layout.seen[:, ::bs] - m_eff  # [B, N]
+      gidx = lo[..., None] + jnp.arange(span)  # [B, N, span] global slot
     inside = (gidx >= 0) & (gidx < ng)
-    gidx_c = jnp.clip(gidx, 0, ng - 1)
-    jn = j_all[gidx_c]  # [N, span] global numbers
+    gidx_c = jnp.clip(gidx, 0, ng - 1).reshape(b_, nb * span)
+
+    def pick(x):  # [B, Ng, ...] -> [B, N, span, ...]
+      return _rows(x, gidx_c).reshape((b_, nb, span) + x.shape[2:])
+
+    qc = _pad_axis1(layout.count, 0, lp - l).reshape(b_, nb, bs)[..., None]  # [B, N, b, 1]
+    jn = pick(layout.glob_number)[:, :, None, :]  # [B, N, 1, span]
     gmask = (
-      (inside & layout.global_valid[gidx_c])[:, None, :]
-      & (jn[:, None, :] <= qc[:, :, None])
-      & (jn[:, None, :] > qc[:, :, None] - m_cap)
-    )[None] & (qseg[..., :, None] == jnp.take(gseg, gidx_c, axis=1)[:, :, None, :])
-    kb = jnp.concatenate([kb, jnp.take(kg, gidx_c, axis=1)], axis=2)
-    vb = jnp.concatenate([vb, jnp.take(vg, gidx_c, axis=1)], axis=2)
+      (inside & pick(layout.glob_valid))[:, :, None, :]
+      & (pick(layout.glob_offset)[:, :, None, :] <= qo[None, :, :, None])
+      & (jn <= qc)
+      & (jn > qc - m_cap)
+      & (qseg[..., :, None] == pick(gseg)[:, :, None, :])
+    )
+    kb = jnp.concatenate([kb, pick(kg)], axis=2)
+    vb = jnp.concatenate([vb, pick(vg)], axis=2)
     mask = jnp.concatenate([mask, gmask], axis=-1)
   out, lse = attend(qb, kb, vb, mask)
   out = out.reshape(b_, lp, h, dh)[:, :l]
@@ -248,23 +398,29 @@ def sparse_attention(q, k, v, seg, qg, kg, vg, gseg, layout, window, max_globals
   if not ng:
     return (out, lse), None
   # --- global queries: gathered window of real keys before each global + recent globals.
-  offs = layout.global_offsets - 1  # [Ng] anchor as a chunk offset
+  offs = layout.glob_offset - 1  # [B, Ng] anchor as a chunk offset
   wr = min(w, l)
-  ridx = offs[:, None] - wr + 1 + jnp.arange(wr)[None, :] if wr < l else jnp.arange(l)[None, :]
-  ridx = jnp.broadcast_to(ridx, (ng, wr))
-  ridx_c = jnp.clip(ridx, 0, l - 1)
-  rmask = (ridx >= 0) & (ridx <= offs[:, None]) & (ridx > offs[:, None] - w)  # [Ng, wr]
+  ridx = offs[..., None] - wr + 1 + jnp.arange(wr) if wr < l else jnp.arange(l)
+  ridx = jnp.broadcast_to(ridx, (b_, ng, wr))
+  ridx_c = jnp.clip(ridx, 0, l - 1).reshape(b_, ng * wr)
+  rmask = (ridx >= 0) & (ridx <= offs[..., None]) & (ridx > offs[..., None] - w)  # [B, Ng, wr]
+
+  def window_of(x):  # [B, L, ...] -> [B, Ng, wr, ...]
+    return _rows(x, ridx_c).reshape((b_, ng, wr) + x.shape[2:])
+
   mg = min(m_cap, ng)
   kk = jnp.arange(ng)
   gg = kk[:, None] - mg + 1 + jnp.arange(mg)[None, :] if mg < ng else kk[None, :]
-  gg = jnp.broadcast_to(gg, (ng, mg))
+  gg = jnp.broadcast_to(gg, (ng, mg))  # a global's own and earlier slots (same row)
   gg_c = jnp.clip(gg, 0, ng - 1)
-  ggmask = (gg >= 0) & (gg <= kk[:, None]) & (gg > kk[:, None] - m_cap)
-  ggmask = ggmask & layout.global_valid[gg_c]
-  kw = jnp.concatenate([jnp.take(k, ridx_c, axis=1), jnp.take(kg, gg_c, axis=1)], axis=2)
-  vw = jnp.concatenate([jnp.take(v, ridx_c, axis=1), jnp.take(vg, gg_c, axis=1)], axis=2)
-  kwseg = jnp.concatenate([jnp.take(seg, ridx_c, axis=1), jnp.take(gseg, gg_c, axis=1)], axis=2)
-  wmask = jnp.concatenate([rmask, ggmask], axis=-1)[None] & (gseg[:, :, None] == kwseg)
+  jq = layout.glob_number[:, :, None]  # [B, Ng, 1]
+  jk = jnp.take(layout.glob_number, gg_c, axis=1)  # [B, Ng, mg]
+  ggmask = ((gg >= 0) & (gg <= kk[:, None]))[None] & (jk <= jq) & (jk > jq - m_cap)
+  ggmask = ggmask & jnp.take(layout.glob_valid, gg_c, axis=1)
+  kw = jnp.concatenate([window_of(k), jnp.take(kg, gg_c, axis=1)], axis=2)
+  vw = jnp.concatenate([window_of(v), jnp.take(vg, gg_c, axis=1)], axis=2)
+  kwseg = jnp.concatenate([window_of(seg), jnp.take(gseg, gg_c, axis=1)], axis=2)
+  wmask = jnp.concatenate([rmask, ggmask], axis=-1) & (gseg[:, :, None] == kwseg)
   qgb = qg.reshape(b_, ng, 1, kh, gq, dh)
   gout, glse = attend(qgb, kw, vw, wmask[:, :, None, :])
   return (out, lse), (gout.reshape(b_, ng, h, dh), glse.reshape(b_, ng, h))

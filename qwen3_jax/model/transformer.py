@@ -22,7 +22,7 @@ from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.kv_cache import KVCache
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, linear, param
 from qwen3_jax.model.moe import MoE
-from qwen3_jax.model.sparse_attention import Layout, make_layout
+from qwen3_jax.model.sparse_attention import Layout, check_documents, make_layout
 from qwen3_jax.sharding import constrain
 
 # Scalars averaged over MoE layers, in `ModelOutput.aux`.
@@ -158,44 +158,65 @@ class Qwen3(nnx.Module):
   ) -> ModelOutput:
     """tokens [B, L] int -> ModelOutput(logits [B, L, V] float32, aux, cache).
 
-    positions default to 0..L-1 (restarting at each new segment when `segment_ids` are
-    given; cache.length + 0..L-1 with a cache); segment_ids: [B, L] ints, tokens attend only
-    within their segment, 0 = padding.
+    positions default to each token's document offset: 0..L-1, restarting at each new
+    segment when `segment_ids` are given, continuing the cached document with a cache.
+    segment_ids: [B, L] ints, tokens attend only within their segment, 0 = padding; a
+    document is a run of one nonzero id (see `sparse_attention.py`).
     cache: a `KVCache` from `init_cache`: the chunk's tokens occupy slots cache.length ..
     cache.length + L - 1, attend to everything cached before them, and the returned
     `ModelOutput.cache` holds them too (prefill: the prompt from an empty cache; decode: one
-    token per call). With sparse attention a chunk of L > 1 tokens must start at a multiple
-    of `global_every` (e.g. a prefill from 0); 1-token steps may start anywhere.
+    token per call). Chunks may start and end anywhere: cached decoding in any chunking
+    equals one full forward pass.
     return_hidden: give `hidden` [B, L, D] (after the final norm, compute dtype) and no
     logits; `linear(hidden, self.head_weight())` are the logits (before the float32 cast).
     When some layer is sparse (and global_every = g > 0) a learnable global token is inserted
-    before real slots 0, g, 2g, ... (with that slot's position and segment) and its output
-    dropped: it takes part in every layer, full layers see it as an ordinary earlier position.
+    before each document's tokens at document offsets 0, g, 2g, ... (with that token's
+    position and segment) and its output dropped: it takes part in every layer, and full
+    layers see it as an ordinary earlier position of its document. So a document's logits do
+    not depend on where it sits in a packed row. Global slots per row are bounded by
+    `attention.max_docs_per_row` (1 document per row without segment_ids); a row holding
+    more documents raises (at run time under jit).
     """
     cfg = self.cfg
     tokens = constrain(tokens, ("batch", "seq"))
     b, l = tokens.shape
-    start = 0 if cache is None else cache.length
     if cache is not None:
       kv_cache.check_room(cfg, cache, l)
-    if positions is None:
-      positions = default_positions(tokens, segment_ids if cache is None else None) + start
     seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    layout = make_layout(l, start, kv_cache.global_every(cfg))
+    max_docs = 1 if segment_ids is None else cfg.attention.max_docs_per_row
+    g = kv_cache.global_every(cfg)
+    if cache is None:
+      layout = make_layout(seg, g, max_docs)
+    else:
+      layout = make_layout(
+        seg,
+        g,
+        max_docs,
+        start=cache.length,
+        prev_seg=cache.seg,
+        prev_offset=cache.offset,
+        prev_globals=cache.globals,
+      )
+    check_documents(layout)
+    if positions is None:
+      positions = layout.offset
+    real_seg = seg  # [B, L]
     x = self.embed_tokens(tokens)
     if layout.num_globals:
-      off = jnp.clip(layout.global_offsets, 0, l - 1)  # [Ng] the real token after each global
+      off = jnp.clip(layout.glob_offset, 0, l - 1)  # [B, Ng] the real token after each global
       xg = jnp.broadcast_to(
         self.global_embedding[...].astype(x.dtype), (b, layout.num_globals, x.shape[-1])
       )
       x = jnp.concatenate([x, xg], axis=1)  # [B, L + Ng, D]
-      positions = jnp.concatenate([positions, positions[:, off]], axis=1)
-      seg = jnp.concatenate([seg, jnp.where(layout.global_valid, seg[:, off], 0)], axis=1)
+      gpos = jnp.take_along_axis(positions, off, axis=1)
+      gseg = jnp.where(layout.glob_valid, jnp.take_along_axis(seg, off, axis=1), 0)
+      positions = jnp.concatenate([positions, gpos], axis=1)
+      seg = jnp.concatenate([seg, gseg], axis=1)
     x, (auxes, layers) = self._run_layers(
       x, positions, seg, layout, None if cache is None else cache.layers
     )
     if cache is not None:
-      cache = KVCache(length=cache.length + l, layers=layers)
+      cache = kv_cache.advance(cache, layers, layout, real_seg)
     x = self.norm(x[:, :l])
     if return_hidden:
       x = constrain(x, ("batch", "seq", None))
@@ -272,11 +293,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
     )
     for j in range(period)
   )
-  return KVCache(length=jnp.zeros((), jnp.int32), layers=layers)
+  return kv_cache.new_cache(layers, batch)
 
 
 def default_positions(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-  """0..L-1 per row, restarting at every segment boundary when segment_ids are given."""
+  """0..L-1 per row, restarting at every segment boundary when segment_ids are given.
+
+  The model's default positions (`Layout.offset`, which also continues a cached document).
+  """
   b, l = tokens.shape
   idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   if segment_ids is None:
