@@ -136,7 +136,7 @@ def _train_cfg(dtype: str) -> TrainConfig:
 
 
 def _rows(n=16, l=32, vocab=256):
-  """n packed rows of two documents each (a loss-masked target at every segment end)."""
+  """n rows of two l/2-token documents; the loss mask drops each document's last target."""
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab, (n, l + 1)).astype(np.int32)
   seg = np.where(np.arange(l) < l // 2, 1, 2).astype(np.int32) * np.ones((n, 1), np.int32)
