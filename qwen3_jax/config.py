@@ -145,7 +145,7 @@ class ModelConfig:
   norm_topk_prob: bool = True  # Renormalise the k routing weights to sum to 1.
   decoder_sparse_step: int = 1  # Layer i is MoE iff (i + 1) % step == 0 (and not mlp_only).
   mlp_only_layers: tuple[int, ...] = ()  # Layers that use the dense MLP in an MoE model.
-  router_aux_loss_coef: float = 0.001  # Weight of the load-balancing loss.
+  router_aux_loss_coef: float = 0.001  # Load-balance weight (f sums to 1: HF value x k).
   moe: MoEConfig = MoEConfig()
   attention: AttentionConfig = AttentionConfig()
   # Dtypes may be given as strings, jnp/np types or jnp.dtype(...); stored as the name.
@@ -315,7 +315,7 @@ def qwen3_30b_a3b(**kw) -> ModelConfig:
     rope_theta=1e6,
     num_experts=128,
     num_experts_per_tok=8,
-    router_aux_loss_coef=0.001,
+    router_aux_loss_coef=0.008,  # HF's 0.001 x k (`hf.config_from_hf`)
     dtype="bfloat16",
     remat="full",
   )
@@ -336,7 +336,7 @@ def qwen3_235b_a22b(**kw) -> ModelConfig:
     rope_theta=1e6,
     num_experts=128,
     num_experts_per_tok=8,
-    router_aux_loss_coef=0.001,
+    router_aux_loss_coef=0.008,  # HF's 0.001 x k (`hf.config_from_hf`)
     dtype="bfloat16",
     remat="full",
   )
@@ -361,7 +361,7 @@ def qwen3_max_like(**kw) -> ModelConfig:
     rope_theta=1e6,
     num_experts=256,
     num_experts_per_tok=8,
-    router_aux_loss_coef=0.001,
+    router_aux_loss_coef=0.008,  # HF's 0.001 x k (`hf.config_from_hf`)
     dtype="bfloat16",
     remat="full",
   )

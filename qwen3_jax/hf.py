@@ -128,7 +128,10 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
       norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)),  # HF's default is False.
       decoder_sparse_step=_get(hf, "decoder_sparse_step", 1),
       mlp_only_layers=tuple(_get(hf, "mlp_only_layers", ())),
-      router_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)),
+      # HF's load-balancing loss has f summing to k (top-k slots per token), ours to 1: the
+      # same pressure needs a k times larger coefficient here (`moe.aux_losses`).
+      router_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001))
+      * _get(hf, "num_experts_per_tok"),
     )
   kw.update(overrides)
   return ModelConfig(**kw)
@@ -169,7 +172,8 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
       norm_topk_prob=cfg.norm_topk_prob,
       decoder_sparse_step=cfg.decoder_sparse_step,
       mlp_only_layers=list(cfg.mlp_only_layers),
-      router_aux_loss_coef=cfg.router_aux_loss_coef,
+      # Back to HF's units (f sums to k); 15 digits: an imported value is written back as read.
+      router_aux_loss_coef=float(f"{cfg.router_aux_loss_coef / cfg.num_experts_per_tok:.15g}"),
     )
   for key, value in (extra or {}).items():
     if key in hf and hf[key] != value and key not in ("dtype", "torch_dtype", "architectures"):

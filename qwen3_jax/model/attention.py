@@ -40,17 +40,37 @@ def _blocks(l: int, block: int) -> list[tuple[int, int]]:
   return [(s, min(s + block, l)) for s in range(0, l, block)]
 
 
+def _einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum` accumulating in (and returning) float32, whatever the operand dtypes.
+
+  XLA:CPU runs a bf16 x bf16 -> f32 dot only on its fused matmul path; one that layout
+  assignment leaves outside it (the dV product of the backward pass, at some shapes) fails at
+  run time with "UNIMPLEMENTED: ... DotThunk ... BF16 x BF16 = F32". So when lowering for CPU,
+  bf16 operands are upcast first: the same numbers (a product of two bf16 values is exact in
+  float32), chosen per target platform, so GPU/TPU programs keep bf16 operands.
+  """
+
+  def native():
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+  def upcast():
+    return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+
+  if a.dtype == b.dtype == jnp.float32:
+    return native()
+  return jax.lax.platform_dependent(cpu=upcast, default=native)
+
+
 # The causal core works on "items": one (sequence, kv head) pair each, stacked along a leading
 # axis N. Layouts: queries qt [N, L, G, Dh] (the G query heads of the kv head folded into the
 # rows), keys transposed kt [N, Dh, L], values vt [N, L, Dh], segments [N, L] or None. Keys
 # are kept transposed, and the key/value gradients are accumulated transposed, because those
 # were the faster operand / output layouts of XLA:CPU's batched matmuls in micro-benchmarks.
-_F32 = dict(preferred_element_type=jnp.float32)
 
 
 def _block_logits(qt, kt, seg, start, end):
   """Masked float32 logits of queries start..end-1 against keys 0..end-1: [N, Q, G, S]."""
-  logits = jnp.einsum("nqgd,nds->nqgs", qt[:, start:end], kt[..., :end], **_F32)
+  logits = _einsum_f32("nqgd,nds->nqgs", qt[:, start:end], kt[..., :end])
   mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]  # [1, Q, S]
   if seg is not None:
     mask = mask & (seg[:, start:end, None] == seg[:, None, :end])
@@ -66,7 +86,7 @@ def _causal_forward(qt, kt, vt, seg, block):
     probs = jnp.exp(logits - row_max)
     denom = probs.sum(-1, keepdims=True)
     lses.append(row_max + jnp.log(denom))
-    pv = jnp.einsum("nqgs,nsd->nqgd", probs.astype(vt.dtype), vt[:, :end], **_F32)
+    pv = _einsum_f32("nqgs,nsd->nqgd", probs.astype(vt.dtype), vt[:, :end])
     outs.append(pv / denom)
   return jnp.concatenate(outs, axis=1).astype(qt.dtype), lses
 
@@ -94,14 +114,12 @@ def _causal_attention_bwd(block, res, d_out):
   for (start, end), lse in zip(_blocks(qt.shape[1], block), lses, strict=True):
     probs = jnp.exp(_block_logits(qt, kt, seg, start, end) - lse)  # [N, Q, G, S]
     d_blk = d_out[:, start:end]  # [N, Q, G, Dh]
-    dp = jnp.einsum("nqgd,nds->nqgs", d_blk, v_t[..., :end], **_F32)
+    dp = _einsum_f32("nqgd,nds->nqgs", d_blk, v_t[..., :end])
     ds = probs * (dp - delta[:, start:end])
-    dq.append(jnp.einsum("nqgs,nsd->nqgd", ds.astype(kt.dtype), k_n[:, :end], **_F32))
+    dq.append(_einsum_f32("nqgs,nsd->nqgd", ds.astype(kt.dtype), k_n[:, :end]))
     q_blk = qt[:, start:end]
-    dkt = dkt.at[..., :end].add(jnp.einsum("nqgd,nqgs->nds", q_blk, ds.astype(qt.dtype), **_F32))
-    dvt = dvt.at[..., :end].add(
-      jnp.einsum("nqgd,nqgs->nds", d_blk, probs.astype(d_out.dtype), **_F32)
-    )
+    dkt = dkt.at[..., :end].add(_einsum_f32("nqgd,nqgs->nds", q_blk, ds.astype(qt.dtype)))
+    dvt = dvt.at[..., :end].add(_einsum_f32("nqgd,nqgs->nds", d_blk, probs.astype(d_out.dtype)))
   dq = jnp.concatenate(dq, axis=1)
   dv = jnp.swapaxes(dvt, 1, 2)
   return dq.astype(qt.dtype), dkt.astype(kt.dtype), dv.astype(vt.dtype), None

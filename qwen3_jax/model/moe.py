@@ -123,6 +123,49 @@ def router_stats(
   }
 
 
+def aux_losses(
+  stats: dict,
+  cfg: ModelConfig,
+  *,
+  fraction: jax.Array | None = None,
+  tok_share: jax.Array | float = 1.0,
+  seq_share: jax.Array | float = 1.0,
+) -> dict[str, jax.Array]:
+  """The MoE auxiliary loss: the one place its terms meet their coefficients.
+
+    aux_loss = router_aux_loss_coef * load_balance + router_z_loss_coef * router_z
+               + dynamic_loss_coef * dynamic
+
+  "global" balance: load_balance = mean over MoE layers of `load_balance_loss(f, P)` (f sums
+  to 1 per layer; HF's `router_aux_loss_coef` is k times smaller, see `hf.config_from_hf`).
+  "sequence" balance: the layer mean of `stats["load_balance_loss"]` (per-sequence f, P).
+
+  Args:
+    stats: `router_stats` of one layer, or `ModelOutput.aux` (scalars averaged over MoE layers,
+      `expert_fraction` / `expert_prob` stacked [n_moe, E]).
+    fraction: [..., E] f to use instead of `stats["expert_fraction"]`, e.g. the f of the whole
+      global batch when `stats` come from one micro-batch (P is linear, f is not).
+    tok_share: this batch's share of the global batch's non-padding tokens: token means
+      (P, z, entropy) are scaled by it, so micro-batch values sum to the global-batch value.
+    seq_share: the same for non-empty sequences (scales the per-sequence balance).
+
+  Returns:
+    {"aux_loss", "load_balance_loss", "router_z_loss", "dynamic_loss"}: float32 scalars,
+    each term already scaled by its share and the total weighted by the coefficients.
+  """
+  if cfg.moe.balance == "global":
+    f = stats["expert_fraction"] if fraction is None else fraction
+    lb = jnp.mean(load_balance_loss(f, stats["expert_prob"])) * tok_share
+  else:
+    lb = stats["load_balance_loss"] * seq_share
+  z = stats["router_z_loss"] * tok_share
+  dyn = stats["dynamic_loss"] * tok_share
+  total = (
+    cfg.router_aux_loss_coef * lb + cfg.moe.router_z_loss_coef * z + cfg.moe.dynamic_loss_coef * dyn
+  )
+  return {"aux_loss": total, "load_balance_loss": lb, "router_z_loss": z, "dynamic_loss": dyn}
+
+
 # ----------------------------------------------------------------------------- strategy
 
 

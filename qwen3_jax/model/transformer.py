@@ -21,7 +21,7 @@ from qwen3_jax.model import kv_cache
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.kv_cache import KVCache
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, linear, param
-from qwen3_jax.model.moe import MoE
+from qwen3_jax.model.moe import MoE, aux_losses
 from qwen3_jax.model.sparse_attention import Layout, check_documents, make_layout
 from qwen3_jax.sharding import constrain
 
@@ -265,11 +265,7 @@ class Qwen3(nnx.Module):
     stack = {k: v.reshape((-1,) + v.shape[2:]) for k, v in stack.items()}  # [n_moe, ...]
     out = {k: jnp.mean(stack[k]) for k in AUX_SCALARS}
     out.update({k: stack[k] for k in AUX_PER_EXPERT})
-    out["aux_loss"] = (
-      cfg.router_aux_loss_coef * out["load_balance_loss"]
-      + cfg.moe.router_z_loss_coef * out["router_z_loss"]
-      + cfg.moe.dynamic_loss_coef * out["dynamic_loss"]
-    )
+    out.update(aux_losses(out, cfg))  # the weighted `aux_loss` (and the same terms)
     return out
 
 

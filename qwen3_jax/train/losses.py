@@ -1,11 +1,12 @@
 """Next-token cross-entropy with a loss mask, output z-loss, and the MoE aux losses.
 
 Every term is written as a *sum over this micro-batch divided by a global-batch total*, so the
-sum of micro-batch losses equals the loss of the whole batch exactly. The load-balance loss is
-L = E * sum_i f_i P_i per MoE layer, averaged over layers, with f (stop-gradient) taken from
-the whole global batch (`f_global`, summed over micro-batches in a forward pre-pass) and P the
-micro-batch's mean router probability weighted by its share of the tokens: linear in P, so the
-micro-batch sum is the big-batch loss.
+sum of micro-batch losses equals the loss of the whole batch exactly. The MoE terms and their
+coefficients come from `moe.aux_losses`, the function that also gives the model's own
+`aux["aux_loss"]`. The load-balance loss is L = E * sum_i f_i P_i per MoE layer, averaged over
+layers, with f (stop-gradient) taken from the whole global batch (`f_global`, summed over
+micro-batches in a forward pre-pass) and P the micro-batch's mean router probability weighted by
+its share of the tokens: linear in P, so the micro-batch sum is the big-batch loss.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.model.moe import aux_losses
 from qwen3_jax.train.fused_ce import fused_cross_entropy
 
 # Batch keys, all [B, L] int32: model inputs, next-token targets, segment ids (0 = padding),
@@ -71,25 +73,11 @@ def loss_terms(
   if cfg.is_moe:
     seg = batch["segment_ids"] > 0
     tok_share = seg.astype(jnp.float32).sum() / totals["n_tok"]
-    if cfg.moe.balance == "global":
-      f = fraction_from_counts(aux["tokens_per_expert"]) if f_global is None else f_global
-      lb = jnp.mean(cfg.num_experts * jnp.sum(f * aux["expert_prob"], axis=-1)) * tok_share
-    else:  # per-sequence balance: the model's value is a mean over non-empty sequences
-      seq_share = seg.any(-1).astype(jnp.float32).sum() / totals["n_seq"]
-      lb = aux["load_balance_loss"] * seq_share
-    router_z = aux["router_z_loss"] * tok_share
-    dyn = aux["dynamic_loss"] * tok_share
-    aux_loss = (
-      cfg.router_aux_loss_coef * lb
-      + cfg.moe.router_z_loss_coef * router_z
-      + cfg.moe.dynamic_loss_coef * dyn
-    )
-    loss = loss + aux_loss
+    seq_share = seg.any(-1).astype(jnp.float32).sum() / totals["n_seq"]
+    terms = aux_losses(aux, cfg, fraction=f_global, tok_share=tok_share, seq_share=seq_share)
+    loss = loss + terms["aux_loss"]
     metrics.update(
-      aux_loss=aux_loss,
-      load_balance_loss=lb,
-      router_z_loss=router_z,
-      dynamic_loss=dyn,
+      terms,
       dropped_fraction=aux["dropped_fraction"] * tok_share,
       experts_per_token=aux["experts_per_token"] * tok_share,
       tokens_per_expert=aux["tokens_per_expert"].astype(jnp.float32),
