@@ -242,3 +242,24 @@ def test_build_data_reports_dropped_and_efficiency(tmp_path):
   text = "\n".join(lines)
   assert f"packing efficiency {stats.efficiency:.1%}" in text
   assert "dropped 3 of 43 documents longer than a row" in text
+
+
+def test_build_data_obeys_the_models_global_token_bound(tmp_path):
+  """A sparse model with global tokens bounds its documents per row
+  (attention.max_docs_per_row = 2): the packer, uncapped by the data config, packs no more,
+  and a tighter data cap (1) is kept."""
+  from qwen3_jax import config as C
+  from qwen3_jax.train import loop
+  from qwen3_jax.train.config import TrainConfig
+
+  path = tmp_path / "short.txt"
+  path.write_text("".join(f"doc {i}\n\n" for i in range(60)))
+  att = C.AttentionConfig(kind="sparse", window=8, global_every=4, max_docs_per_row=2)
+  model = C.tiny(vocab_size=512, attention=att)
+  for data_cap, want in ((0, 2), (1, 1)):
+    data = pipeline.DataConfig(sources=(str(path),), eval_fraction=0.0, max_docs_per_row=data_cap)
+    cfg = TrainConfig(num_steps=1, batch_size=2, seq_len=64, model=model, data=data)
+    workdir = tmp_path / f"cap{data_cap}"
+    workdir.mkdir()
+    _, train, _, _ = loop.build_data(cfg, str(workdir), printer=lambda _: None)
+    assert train.rows["segment_ids"].max() == want

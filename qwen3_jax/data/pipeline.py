@@ -58,8 +58,9 @@ class DataConfig:
   text_key: str = "text"  # JSONL: field with plain text (or "messages" with a chat list).
   loss_on: str = "all"  # all | assistant: which target tokens count in the loss.
   eval_fraction: float = 0.02  # Rows held out for evaluation.
-  # Most documents packed into one row (0 = no cap). Bounds the segments per row, e.g. the
-  # global-token slots sparse attention spends per row; a lower cap costs packing efficiency.
+  # Most documents packed into one row (0 = no cap). Training lowers it to the model's
+  # attention.max_docs_per_row when the model has global tokens (their slots per row are
+  # bounded by it); a lower cap costs packing efficiency.
   max_docs_per_row: int = 0
 
   def __post_init__(self):

@@ -29,6 +29,7 @@ from qwen3_jax import sharding as shd
 from qwen3_jax.config import to_dict
 from qwen3_jax.data import pipeline
 from qwen3_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from qwen3_jax.model import kv_cache
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.metrics import MetricsWriter
 from qwen3_jax.train.step import Program, TrainState, make_program
@@ -73,13 +74,17 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
       f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size={cfg.model.vocab_size}"
     )
   ids, loss, doc = pipeline.tokenize(docs, tok)
+  max_docs = dcfg.max_docs_per_row
+  model_cap = cfg.model.attention.max_docs_per_row if kv_cache.global_every(cfg.model) else 0
+  if model_cap and not 0 < max_docs <= model_cap:
+    max_docs = model_cap  # the model's global-token slots per row bound its documents per row
   rows, stats = pipeline.pack(
     ids,
     loss,
     doc,
     cfg.seq_len,
     split_long=dcfg.loss_on == "all",
-    max_docs_per_row=dcfg.max_docs_per_row,
+    max_docs_per_row=max_docs,
   )
   train_rows, eval_rows = pipeline.split_rows(rows, dcfg.eval_fraction)
   kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
