@@ -19,6 +19,10 @@ BALANCES = ("global", "sequence")
 REMATS = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("full", "sparse")
+# Deepest stack that `scan_layers=None` unrolls: at 4 layers the unrolled `small` train step ran
+# 3-11 % faster than the scanned one (`scripts/benchmark.py --suite=layers`); deeper stacks
+# are scanned so compile time does not grow with depth.
+UNROLL_MAX_LAYERS = 4
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -152,7 +156,11 @@ class ModelConfig:
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of parameters (master weights).
   remat: str = "none"  # none | full | dots: rematerialisation of each decoder layer.
-  scan_layers: bool = True  # One compiled block scanned over layers (vs. unrolled).
+  # One compiled block scanned over the layers (True) or the layers unrolled (False). None =
+  # by depth: unrolled up to UNROLL_MAX_LAYERS layers (faster steps on XLA:CPU, a few seconds
+  # more compile time), scanned above (compile time independent of depth). Either way the
+  # parameters are stored the same, so checkpoints do not depend on it.
+  scan_layers: bool | None = None
 
   def __post_init__(self):
     _check_choice("remat", self.remat, REMATS)
@@ -195,6 +203,13 @@ class ModelConfig:
     bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
     if bad:
       raise ValueError(f"mlp_only_layers {bad} outside [0, {self.num_hidden_layers})")
+
+  @property
+  def scanned(self) -> bool:
+    """Whether the layers run as a scan (`scan_layers`, or by depth when it is None)."""
+    if self.scan_layers is None:
+      return self.num_hidden_layers > UNROLL_MAX_LAYERS
+    return self.scan_layers
 
   @property
   def is_moe(self) -> bool:
@@ -277,12 +292,8 @@ def tiny(**kw) -> ModelConfig:
 
 
 def small(**kw) -> ModelConfig:
-  """CPU benchmarks: vocab 8192, hidden 512, 4 layers, 8 q / 4 kv heads, E16 k2 F512.
-
-  Layers unrolled (scan_layers=False): with 4 layers the scan's per-layer weight slices and
-  stacked residuals cost more than they save; the train step ran 3-13 % faster on XLA:CPU,
-  for ~5 s more compile time (`scripts/benchmark.py --suite=layers`).
-  """
+  """CPU benchmarks: vocab 8192, hidden 512, 4 layers (unrolled, by depth), 8 q / 4 kv heads,
+  E16 k2 F512."""
   base = ModelConfig(
     vocab_size=8192,
     hidden_size=512,
@@ -296,7 +307,6 @@ def small(**kw) -> ModelConfig:
     num_experts=16,
     num_experts_per_tok=2,
     router_aux_loss_coef=0.01,
-    scan_layers=False,
   )
   return dataclasses.replace(base, **kw)
 

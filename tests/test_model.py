@@ -373,7 +373,7 @@ def test_mixed_layers_match_an_unrolled_layer_loop(inputs, kw, moe_layers, perio
   np.testing.assert_allclose(out.aux["load_balance_loss"], lb, rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full")])
+@pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat="full")])
 def test_scan_and_remat_variants_are_identical(outputs, variant):
   out_1, grads_1 = outputs("auto")
   out_v, grads_v = outputs("auto", **variant)
@@ -387,7 +387,12 @@ def test_scan_and_remat_variants_are_identical(outputs, variant):
 
 @pytest.mark.parametrize(
   "kw, scans, checkpoints",
-  [(dict(), 1, 0), (dict(remat="full"), 1, 1), (dict(scan_layers=False, remat="dots"), 0, 2)],
+  [
+    (dict(), 0, 0),  # 2 layers: unrolled by depth
+    (dict(num_hidden_layers=6), 1, 0),  # deeper than UNROLL_MAX_LAYERS: scanned
+    (dict(scan_layers=True, remat="full"), 1, 1),
+    (dict(scan_layers=False, remat="dots"), 0, 2),
+  ],
 )
 def test_scan_and_remat_flags_reach_the_program(inputs, kw, scans, checkpoints):
   """The variants above are only meaningful if the flags change the traced program."""

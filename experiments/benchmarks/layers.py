@@ -3,8 +3,8 @@
 python scripts/benchmark.py --suite=layers
 
 The train suite's step (batch 8 x 512 tokens, float32, AdamW, 1 device) for both variants
-(E16 k2 F512, E64 k8 F128), built once with the layers unrolled (`scan_layers=False`, the
-`small` preset's setting) and once scanned (`scan_layers=True`, every other preset's), one
+(E16 k2 F512, E64 k8 F128), built once with the layers unrolled (`scan_layers=False`, what
+`scan_layers=None` picks for `small`'s 4 layers) and once scanned (`scan_layers=True`), one
 call of each per round. Reports the fastest and median round and the compile time of each
 (forward and train step together); `vs_scan` = scanned seconds / these seconds.
 """

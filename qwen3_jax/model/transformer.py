@@ -242,7 +242,7 @@ class Qwen3(nnx.Module):
 
     if self.cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat], prevent_cse=False)
-    if self.cfg.scan_layers:  # auxes: list (per sub-layer) of [R, ...] dicts
+    if self.cfg.scanned:  # auxes: list (per sub-layer) of [R, ...] dicts
       return jax.lax.scan(body, x, (state, caches))
     outs = []
     for r in range(self.repeats):
