@@ -41,7 +41,7 @@ class KVCache:
   Attributes:
     length: [] int32, real tokens processed so far = slot of the next token (same for every
       row; left-pad prompts with segment id 0 to align rows).
-    layers: one dict per sub-layer of the scanned unit (see `layer_period`), leaves with a
+    layers: one dict per sub-layer of the scanned `LayerGroup` (see `layer_period`), leaves with a
       leading [R] (repeats) axis; see the module docstring for the keys.
     seg: [B] int32 segment id of each row's last token (-1 before the first chunk).
     offset: [B] int32 document offset of each row's next token if it continues that segment.

@@ -342,19 +342,21 @@ def sparse_attention(q, k, v, seg, qg, kg, vg, gseg, layout, window, max_globals
   bs = min(block, l)
   nb = -(-l // bs)
   lp = nb * bs
-  nprev = min(-(-(w - 1) // bs), nb - 1)  # previous key blocks covering the window
-  # --- real queries: the band of own + nprev previous key blocks. [B, N, b, ...]
+  num_prev_blocks = min(-(-(w - 1) // bs), nb - 1)  # previous key blocks covering the window
+  # --- real queries: the band of own + num_prev_blocks previous key blocks. [B, N, b, ...]
   qb = _pad_axis1(q, 0, lp - l).reshape(b_, nb, bs, kh, gq, dh)
   qseg = _pad_axis1(seg, 0, lp - l, -1).reshape(b_, nb, bs)
 
-  def band(x, value=0):  # [B, L, ...] -> [B, N, (nprev+1)*b, ...]
-    xp = _pad_axis1(x, nprev * bs, lp - l, value)
-    xp = xp.reshape((b_, nprev + nb, bs) + x.shape[2:])
-    return jnp.concatenate([xp[:, i : i + nb] for i in range(nprev + 1)], axis=2)
+  def band(x, value=0):  # [B, L, ...] -> [B, N, (num_prev_blocks+1)*b, ...]
+    xp = _pad_axis1(x, num_prev_blocks * bs, lp - l, value)
+    xp = xp.reshape((b_, num_prev_blocks + nb, bs) + x.shape[2:])
+    return jnp.concatenate([xp[:, i : i + nb] for i in range(num_prev_blocks + 1)], axis=2)
 
   kb, vb, kseg = band(k), band(v), band(seg, -1)
   qo = jnp.arange(nb)[:, None] * bs + jnp.arange(bs)[None, :]  # [N, b] chunk offsets
-  ko = (jnp.arange(nb)[:, None] - nprev) * bs + jnp.arange((nprev + 1) * bs)[None, :]
+  ko = (jnp.arange(nb)[:, None] - num_prev_blocks) * bs + jnp.arange((num_prev_blocks + 1) * bs)[
+    None, :
+  ]
   mask = (
     (ko[:, None, :] <= qo[:, :, None])
     & (ko[:, None, :] > qo[:, :, None] - w)
@@ -364,29 +366,29 @@ def sparse_attention(q, k, v, seg, qg, kg, vg, gseg, layout, window, max_globals
   ng = layout.num_globals
   if ng:
     g = layout.every
-    m_eff = min(m_cap, ng)
-    # Globals one query block can see: the m_eff most recent at its first query plus those
+    seen_globals = min(m_cap, ng)
+    # Globals one query block can see: the seen_globals most recent at its first query plus those
     # placed before its other b - 1 queries (at most min(D, b - 1) documents start there).
     d_blk = min(layout.max_docs, bs - 1)
-    span = min(m_eff + (bs - 1 + d_blk * (g - 1)) // g, ng)
-    if span == ng:
+    globals_per_block = min(seen_globals + (bs - 1 + d_blk * (g - 1)) // g, ng)
+    if globals_per_block == ng:
       gidx = jnp.broadcast_to(jnp.arange(ng), (b_, nb, ng))
     else:
-      lo = layout.seen[:, ::bs] - m_eff  # [B, N]
-      gidx = lo[..., None] + jnp.arange(span)  # [B, N, span] global slot
+      lo = layout.seen[:, ::bs] - seen_globals  # [B, N]
+      gidx = lo[..., None] + jnp.arange(globals_per_block)  # [B, N, globals_per_block] global slot
     inside = (gidx >= 0) & (gidx < ng)
-    gidx_c = jnp.clip(gidx, 0, ng - 1).reshape(b_, nb * span)
+    gidx_c = jnp.clip(gidx, 0, ng - 1).reshape(b_, nb * globals_per_block)
 
-    def pick(x):  # [B, Ng, ...] -> [B, N, span, ...]
-      return _rows(x, gidx_c).reshape((b_, nb, span) + x.shape[2:])
+    def pick(x):  # [B, Ng, ...] -> [B, N, globals_per_block, ...]
+      return _rows(x, gidx_c).reshape((b_, nb, globals_per_block) + x.shape[2:])
 
-    qc = _pad_axis1(layout.count, 0, lp - l).reshape(b_, nb, bs)[..., None]  # [B, N, b, 1]
-    jn = pick(layout.glob_number)[:, :, None, :]  # [B, N, 1, span]
+    query_count = _pad_axis1(layout.count, 0, lp - l).reshape(b_, nb, bs)[..., None]  # [B, N, b, 1]
+    jn = pick(layout.glob_number)[:, :, None, :]  # [B, N, 1, globals_per_block]
     gmask = (
       (inside & pick(layout.glob_valid))[:, :, None, :]
       & (pick(layout.glob_offset)[:, :, None, :] <= qo[None, :, :, None])
-      & (jn <= qc)
-      & (jn > qc - m_cap)
+      & (jn <= query_count)
+      & (jn > query_count - m_cap)
       & (qseg[..., :, None] == pick(gseg)[:, :, None, :])
     )
     kb = jnp.concatenate([kb, pick(kg)], axis=2)
@@ -398,29 +400,41 @@ def sparse_attention(q, k, v, seg, qg, kg, vg, gseg, layout, window, max_globals
   if not ng:
     return (out, lse), None
   # --- global queries: gathered window of real keys before each global + recent globals.
-  offs = layout.glob_offset - 1  # [B, Ng] anchor as a chunk offset
-  wr = min(w, l)
-  ridx = offs[..., None] - wr + 1 + jnp.arange(wr) if wr < l else jnp.arange(l)
-  ridx = jnp.broadcast_to(ridx, (b_, ng, wr))
-  ridx_c = jnp.clip(ridx, 0, l - 1).reshape(b_, ng * wr)
-  rmask = (ridx >= 0) & (ridx <= offs[..., None]) & (ridx > offs[..., None] - w)  # [B, Ng, wr]
+  anchor = layout.glob_offset - 1  # [B, Ng] anchor as a chunk offset
+  window_len = min(w, l)
+  ridx = (
+    anchor[..., None] - window_len + 1 + jnp.arange(window_len) if window_len < l else jnp.arange(l)
+  )
+  ridx = jnp.broadcast_to(ridx, (b_, ng, window_len))
+  ridx_c = jnp.clip(ridx, 0, l - 1).reshape(b_, ng * window_len)
+  rmask = (
+    (ridx >= 0) & (ridx <= anchor[..., None]) & (ridx > anchor[..., None] - w)
+  )  # [B, Ng, window_len]
 
-  def window_of(x):  # [B, L, ...] -> [B, Ng, wr, ...]
-    return _rows(x, ridx_c).reshape((b_, ng, wr) + x.shape[2:])
+  def window_of(x):  # [B, L, ...] -> [B, Ng, window_len, ...]
+    return _rows(x, ridx_c).reshape((b_, ng, window_len) + x.shape[2:])
 
   mg = min(m_cap, ng)
-  kk = jnp.arange(ng)
-  gg = kk[:, None] - mg + 1 + jnp.arange(mg)[None, :] if mg < ng else kk[None, :]
-  gg = jnp.broadcast_to(gg, (ng, mg))  # a global's own and earlier slots (same row)
-  gg_c = jnp.clip(gg, 0, ng - 1)
+  global_slot = jnp.arange(ng)
+  visible_slot = (
+    global_slot[:, None] - mg + 1 + jnp.arange(mg)[None, :] if mg < ng else global_slot[None, :]
+  )
+  visible_slot = jnp.broadcast_to(
+    visible_slot, (ng, mg)
+  )  # a global's own and earlier slots (same row)
+  gg_c = jnp.clip(visible_slot, 0, ng - 1)
   jq = layout.glob_number[:, :, None]  # [B, Ng, 1]
   jk = jnp.take(layout.glob_number, gg_c, axis=1)  # [B, Ng, mg]
-  ggmask = ((gg >= 0) & (gg <= kk[:, None]))[None] & (jk <= jq) & (jk > jq - m_cap)
-  ggmask = ggmask & jnp.take(layout.glob_valid, gg_c, axis=1)
+  visible_mask = (
+    ((visible_slot >= 0) & (visible_slot <= global_slot[:, None]))[None]
+    & (jk <= jq)
+    & (jk > jq - m_cap)
+  )
+  visible_mask = visible_mask & jnp.take(layout.glob_valid, gg_c, axis=1)
   kw = jnp.concatenate([window_of(k), jnp.take(kg, gg_c, axis=1)], axis=2)
   vw = jnp.concatenate([window_of(v), jnp.take(vg, gg_c, axis=1)], axis=2)
   kwseg = jnp.concatenate([window_of(seg), jnp.take(gseg, gg_c, axis=1)], axis=2)
-  wmask = jnp.concatenate([rmask, ggmask], axis=-1) & (gseg[:, :, None] == kwseg)
+  wmask = jnp.concatenate([rmask, visible_mask], axis=-1) & (gseg[:, :, None] == kwseg)
   qgb = qg.reshape(b_, ng, 1, kh, gq, dh)
   gout, glse = attend(qgb, kw, vw, wmask[:, :, None, :])
   return (out, lse), (gout.reshape(b_, ng, h, dh), glse.reshape(b_, ng, h))

@@ -1,8 +1,8 @@
 """Qwen3 decoder: blocks, scanned layer stack, LM head.
 
-Layers are grouped into a repeating unit of `period` layers (the smallest period of the
-per-layer structure: attention kind x MoE-or-dense), and the unit is stacked `repeats`
-times with a leading parameter axis and run with `jax.lax.scan`: one compiled unit, not L
+Layers are grouped into a repeating `LayerGroup` of `period` layers (the smallest period of
+the per-layer structure: attention kind x MoE-or-dense), and the group is stacked `repeats`
+times with a leading parameter axis and run with `jax.lax.scan`: one compiled group, not L
 copies. Layer i lives at `layers.sub_{i % period}` in repeat `i // period`. A structure
 with no period (e.g. irregular `mlp_only_layers`) has period = L and one repeat.
 """
@@ -99,7 +99,7 @@ class DecoderLayer(nnx.Module):
     return constrain(x + h, ("batch", "seq", None)), aux, cache
 
 
-class Unit(nnx.Module):
+class LayerGroup(nnx.Module):
   """`period` consecutive decoder layers: the body of the layer scan."""
 
   def __init__(self, cfg: ModelConfig, period: int, *, rngs: nnx.Rngs):
@@ -135,10 +135,10 @@ class Qwen3(nnx.Module):
 
     @nnx.split_rngs(splits=self.repeats)
     @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_units(rngs):
-      return Unit(cfg, self.period, rngs=rngs)
+    def make_groups(rngs):
+      return LayerGroup(cfg, self.period, rngs=rngs)
 
-    self.layers = make_units(rngs)
+    self.layers = make_groups(rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = param(
@@ -236,9 +236,9 @@ class Qwen3(nnx.Module):
     graphdef, state = nnx.split(self.layers)
 
     def body(x, xs):
-      unit_state, unit_caches = xs
-      unit = nnx.merge(graphdef, unit_state)
-      return unit(x, positions, segment_ids, layout, unit_caches)
+      group_state, group_caches = xs
+      group = nnx.merge(graphdef, group_state)
+      return group(x, positions, segment_ids, layout, group_caches)
 
     if self.cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat], prevent_cse=False)
