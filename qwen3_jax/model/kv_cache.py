@@ -60,10 +60,13 @@ def capacities(cfg: ModelConfig, kind: str, max_len: int) -> tuple[int, int]:
   return min(att.window, max_len), min(att.max_globals or n_glob, n_glob)
 
 
-def init_layer_cache(cfg, kind, batch, max_len, repeats, dtype) -> dict[str, jax.Array]:
-  """Empty cache of one sub-layer, stacked over `repeats`."""
+def init_layer_cache(
+  cfg, kind, batch, max_len, repeats, dtype, kv_heads=None
+) -> dict[str, jax.Array]:
+  """Empty cache of one sub-layer, stacked over `repeats`, with `kv_heads` heads (default
+  K; more when attention repeats kv heads over a larger tensor axis)."""
   s, gs = capacities(cfg, kind, max_len)
-  kh, dh = cfg.num_key_value_heads, cfg.head_dim
+  kh, dh = kv_heads or cfg.num_key_value_heads, cfg.head_dim
   out = {
     "k": jnp.zeros((repeats, batch, s, kh, dh), dtype),
     "v": jnp.zeros((repeats, batch, s, kh, dh), dtype),
