@@ -14,8 +14,8 @@ Shapes that do not divide the mesh (the tensor axis tp; H q heads, K kv heads, V
   each kv head `kv_head_repeats(K)` = tp / K times at run time (query head h keeps kv head
   h // (H / K)), so every tensor shard holds exactly the kv head its query heads need; the
   KV cache stores the repeated heads, split over `tensor`. Per device this costs the full
-  k/v projection weights (2 * D * K * Dh instead of 2 * D * K * Dh / tp), the k/v projection
-  FLOPs of all K heads, and one cached head where an even split would hold K / tp of one.
+  k/v projection weights (2 * D * K * Dh, not / tp), the k/v projection FLOPs of all K heads,
+  and one cached kv head per device: the tensor group holds tp / K copies of each head.
 - The vocabulary is padded to `ModelConfig.padded_vocab_size` (a multiple of 128, not of the
   mesh); only the [.., V] logits sliced back from it can be uneven, and those are replicated.
 - `validate` rejects what cannot shard at all (K neither dividing nor divided by tp, H or the

@@ -1,7 +1,8 @@
 """KV cache for decoding: ring buffers of keys/values per layer, plus the global tokens' K/V.
 
 Layout of one layer's cache (a dict; leaves get a leading [R] repeat axis in `KVCache`):
-  k, v:   [B, S, K, Dh]  real tokens' keys/values; slot t lives at index t % S
+  k, v:   [B, S, K, Dh]  real tokens' keys/values; slot t lives at index t % S (K here is
+          K * tp / K = tp heads when a tensor axis tp > K repeats them: `init_cache`)
   seg:    [B, S] int32   their segment ids (-1 = never written)
   gk, gv: [B, Gs, K, Dh] global tokens' keys/values; global number j at index j % Gs
   gseg:   [B, Gs] int32  (only when the model has global tokens)
