@@ -23,6 +23,9 @@ ATTENTION_KINDS = ("full", "sparse")
 # 3-11 % faster than the scanned one (`scripts/benchmark.py --suite=layers`); deeper stacks
 # are scanned so compile time does not grow with depth.
 UNROLL_MAX_LAYERS = 4
+# The embedding and LM head hold the vocabulary padded to a multiple of this (independent of
+# the mesh, so stored shapes never depend on it); padded logits are masked or sliced off.
+VOCAB_MULTIPLE = 128
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -224,6 +227,12 @@ class ModelConfig:
     )
 
   @property
+  def padded_vocab_size(self) -> int:
+    """Vp: rows of the embedding / columns of the LM head, `vocab_size` rounded up to a
+    multiple of VOCAB_MULTIPLE. Ids >= vocab_size are never real tokens."""
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  @property
   def max_experts_per_token(self) -> int:
     """Static upper bound on experts a token is sent to (k, or the top-p cap)."""
     if self.moe.routing == "topp":
@@ -394,7 +403,8 @@ def preset(name: str, **kw) -> ModelConfig:
 
 
 def param_count(cfg: ModelConfig) -> tuple[int, int]:
-  """(total, active-per-token) parameter counts, computed from the config alone."""
+  """(total, active-per-token) parameter counts, computed from the config alone; the
+  embedding and LM head count the true vocab_size rows (not the padding rows of the module)."""
   d, hd = cfg.hidden_size, cfg.head_dim
   attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 2 * hd + d * 2
   dense_mlp = 3 * d * cfg.intermediate_size

@@ -15,11 +15,15 @@ Layouts (ours <- Hugging Face `[out, in]` linear weights):
     or the fused mlp.experts.gate_up_proj [E, 2F, D] (gate rows first, then up rows)
   experts down_proj [E, F, D] <- mlp.experts.{j}.down_proj.weight [D, F] each,
     or the fused mlp.experts.down_proj [E, D, F]
-  embed_tokens.embedding [V, D] <- model.embed_tokens.weight; lm_head [D, V] <- lm_head.weight
+  embed_tokens.embedding [Vp, D] <- model.embed_tokens.weight [V, D] + zero padding rows;
+  lm_head [D, Vp] <- lm_head.weight [V, D] (+ zero padding columns); export strips the padding
+  (Vp = `ModelConfig.padded_vocab_size`)
 Layer i of the model is `layers.sub_{i % period}` at index `i // period` (see
 `qwen3_jax.model.transformer.layer_period`).
 
-`save_pretrained` writes the per-expert layout that the Hugging Face hub uses.
+`save_pretrained` writes the per-expert layout that the Hugging Face hub uses, into a temporary
+directory renamed into place at the end; models Hugging Face cannot represent (sparse
+attention, global tokens, top-p routing) are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -141,8 +147,27 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
   """The `config.json` dict of `cfg` (hub spelling; transformers 4.x and 5.x read it).
 
   `extra` adds fields we do not model (token ids, max_position_embeddings, ...); it may not
-  change any field derived from `cfg`.
+  change any field derived from `cfg`. Raises, naming the fields, for a model that a Hugging
+  Face Qwen3 / Qwen3-MoE would compute differently.
   """
+  unsupported = []
+  if cfg.attention.uses_sparse:
+    unsupported.append(
+      f"sparse attention (attention.kind={cfg.attention.kind!r}, attention.pattern="
+      f"{cfg.attention.pattern!r}: sliding window"
+      + (
+        f" + global tokens every {cfg.attention.global_every})"
+        if cfg.attention.global_every
+        else ")"
+      )
+    )
+  if cfg.is_moe and cfg.moe.routing != "topk":
+    unsupported.append(f'moe.routing="{cfg.moe.routing}" (Hugging Face routes top-k)')
+  if unsupported:
+    raise ValueError(
+      "This model cannot be exported as a Hugging Face Qwen3 / Qwen3-MoE, which would compute "
+      "something else: " + "; ".join(unsupported)
+    )
   moe = cfg.is_moe
   hf = {
     "architectures": [ARCHITECTURES["qwen3_moe" if moe else "qwen3"]],
@@ -276,15 +301,26 @@ def _layer_rules(cfg: ModelConfig, i: int, fused: bool) -> dict[tuple[str, ...],
 
 def _plan(cfg: ModelConfig, fused_layers: Sequence[int] = ()) -> dict[tuple, list[_Rule]]:
   """Our flat parameter path -> one rule per stacked index (top-level params: one rule)."""
-  d, v = cfg.hidden_size, cfg.vocab_size
+  d, v, pad = cfg.hidden_size, cfg.vocab_size, cfg.padded_vocab_size - cfg.vocab_size
+  pad_rows = lambda a: np.pad(a, ((0, pad), (0, 0)))  # noqa: E731  [V, D] -> [Vp, D], zeros
   plan: dict[tuple, list[_Rule]] = {
     ("embed_tokens", "embedding"): [
-      _Rule((_Src("model.embed_tokens.weight", (v, d)),), lambda a: a[0], lambda w: [w])
+      _Rule(
+        (_Src("model.embed_tokens.weight", (v, d)),),
+        lambda a: pad_rows(a[0]),
+        lambda w: [w[:v]],
+      )
     ],
     ("norm", "weight"): [_vector("model.norm.weight", d)],
   }
-  if not cfg.tie_word_embeddings:
-    plan[("lm_head",)] = [_linear("lm_head.weight", v, d)]
+  if not cfg.tie_word_embeddings:  # ours [D, Vp] <- HF [V, D]
+    plan[("lm_head",)] = [
+      _Rule(
+        (_Src("lm_head.weight", (v, d)),),
+        lambda a: pad_rows(a[0]).T,
+        lambda w: [w[:, :v].T],
+      )
+    ]
   period = layer_period(cfg)
   for j in range(period):
     per_layer = [
@@ -480,7 +516,8 @@ def from_pretrained(
     if mesh is None:
       named = SingleDeviceSharding(jax.devices()[0])
     else:
-      named = NamedSharding(mesh, sharding.logical_to_spec(sharding.variable_axes(var)))
+      spec = sharding.logical_to_spec(sharding.variable_axes(var), var.shape, mesh)
+      named = NamedSharding(mesh, spec)
     try:
       value = _load_param(ckpt, plan[key], var, named, stacked=key[0] == "layers")
     except RuntimeError as e:
@@ -520,24 +557,82 @@ def save_pretrained(
 ) -> None:
   """Writes `config.json` and safetensors (per-expert layout) that `transformers` loads.
 
-  Tensors keep the parameters' dtype, so `from_pretrained` gives back the same bits. Files
-  above `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` with an index.
-  `extra_config` adds config.json fields we do not model (see `config_to_hf`).
+  Tensors keep the parameters' dtype, so `from_pretrained` gives back the same bits; the
+  vocabulary padding is stripped ([V, D] tables). Files above `max_shard_bytes` are split
+  into `model-0000i-of-0000n.safetensors` with an index. `extra_config` adds config.json
+  fields we do not model (see `config_to_hf`, which also refuses models Hugging Face cannot
+  represent).
+
+  Everything is written into a temporary directory next to `path`, then renamed to `path`, so
+  a failed export never leaves a half-written `path`. An existing `path` is replaced; its
+  files other than config.json and weights (tokenizer, generation config, ...) are kept.
   """
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, extra_config), f, indent=2, sort_keys=True)
+  hf_config = config_to_hf(cfg, extra_config)  # raises before anything is written
+  path = os.path.abspath(path)
+  parent, base = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  try:
+    _write_export(model, cfg, tmp, hf_config, max_shard_bytes)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; make it like any other output
+    _replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
+def _is_export_file(name: str) -> bool:
+  """Files an export writes (and so replaces): config.json, safetensors, the index."""
+  return name in ("config.json", INDEX) or name.endswith(".safetensors")
+
+
+def _replace_dir(new: str, path: str) -> None:
+  """Moves the finished export `new` to `path`. An existing `path` keeps its other files:
+  they are copied into `new`, the old directory is renamed aside, `new` renamed in its place,
+  and the old one removed; at every moment one complete export sits at `path` or aside."""
+  if not os.path.exists(path):
+    os.rename(new, path)
+    return
+  if not os.path.isdir(path):
+    raise NotADirectoryError(f"save_pretrained: {path} exists and is not a directory")
+  for name in os.listdir(path):
+    if _is_export_file(name):
+      continue
+    src, dst = os.path.join(path, name), os.path.join(new, name)
+    if os.path.isdir(src):
+      shutil.copytree(src, dst, symlinks=True)
+    else:
+      shutil.copy2(src, dst, follow_symlinks=False)
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+  os.rmdir(old)
+  os.rename(path, old)
+  try:
+    os.rename(new, path)
+  except BaseException:
+    os.rename(old, path)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_export(model: Qwen3, cfg: ModelConfig, path: str, hf_config: dict, max_shard_bytes):
+  """config.json + safetensors (+ index when sharded) into the empty directory `path`."""
   shards: list[list[str]] = []
   pending: dict[str, np.ndarray] = {}
   size = total = 0
-  tmp_names = []
+  files = []
 
   def flush():
     nonlocal pending, size
     if pending:
-      name = f"shard-{len(tmp_names):05d}.tmp"
+      name = f"shard-{len(files):05d}.tmp"
       save_file(pending, os.path.join(path, name), metadata={"format": "pt"})
-      tmp_names.append(name)
+      files.append(name)
       shards.append(sorted(pending))
       pending, size = {}, 0
 
@@ -548,19 +643,17 @@ def save_pretrained(
     size += array.nbytes
     total += array.nbytes
   flush()
-  umask = os.umask(0)
-  os.umask(umask)
-  for name in tmp_names:  # safetensors writes 0600 files; make them like any other output
+  umask = _umask()
+  for name in files:  # safetensors writes 0600 files; make them like any other output
     os.chmod(os.path.join(path, name), 0o666 & ~umask)
-  for old in (SAFETENSORS, INDEX):
-    if os.path.exists(os.path.join(path, old)):
-      os.remove(os.path.join(path, old))
-  if len(tmp_names) == 1:
-    os.replace(os.path.join(path, tmp_names[0]), os.path.join(path, SAFETENSORS))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  if len(files) == 1:
+    os.replace(os.path.join(path, files[0]), os.path.join(path, SAFETENSORS))
     return
   weight_map = {}
-  n = len(tmp_names)
-  for i, (tmp, names) in enumerate(zip(tmp_names, shards, strict=True)):
+  n = len(files)
+  for i, (tmp, names) in enumerate(zip(files, shards, strict=True)):
     final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
     os.replace(os.path.join(path, tmp), os.path.join(path, final))
     weight_map.update({name: final for name in names})

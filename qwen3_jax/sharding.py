@@ -4,6 +4,22 @@ Model code names only logical axes (`batch`, `embed`, `experts`, ...). `RULES` b
 single place that says which mesh axis each of them is split over. Parameters carry their
 logical axes as nnx metadata (`axes=(...)`); a scanned layer stack has one more leading
 dimension than its names, which is the `layers` axis (never split).
+
+Shapes that do not divide the mesh (the tensor axis tp; H q heads, K kv heads, V vocab):
+- Stored parameter shapes never depend on the mesh, so a checkpoint restores onto any mesh.
+- `kv_heads` and `vocab` are `UNEVEN_REPLICATED`: given an array's shape, a dim of theirs that
+  its mesh axes do not divide is replicated instead of split (`logical_to_spec(axes, shape,
+  mesh)`, used by `constrain`, `state_shardings`, `state_specs`). With K < tp (tp % K == 0)
+  the k/v projections [D, K, Dh] are therefore replicated over `tensor`, and attention repeats
+  each kv head `kv_head_repeats(K)` = tp / K times at run time (query head h keeps kv head
+  h // (H / K)), so every tensor shard holds exactly the kv head its query heads need; the
+  KV cache stores the repeated heads, split over `tensor`. Per device this costs the full
+  k/v projection weights (2 * D * K * Dh, not / tp), the k/v projection FLOPs of all K heads,
+  and one cached kv head per device: the tensor group holds tp / K copies of each head.
+- The vocabulary is padded to `ModelConfig.padded_vocab_size` (a multiple of 128, not of the
+  mesh); only the [.., V] logits sliced back from it can be uneven, and those are replicated.
+- `validate` rejects what cannot shard at all (K neither dividing nor divided by tp, H or the
+  padded vocab not divisible by tp, ...), naming both numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from qwen3_jax.config import MeshConfig, ModelConfig
+from qwen3_jax.config import VOCAB_MULTIPLE, MeshConfig, ModelConfig
 
 MESH_AXES = MeshConfig.AXES
 BATCH_AXES = ("data", "fsdp", "expert")  # Outside the MoE layer `expert` is data parallelism.
@@ -37,6 +53,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "layers": None,
   "norm": None,
 }
+
+# Logical axes whose dim is replicated, not split, when its mesh axes do not divide it (see
+# the module docstring): kv heads fewer than the tensor axis, and the unpadded vocab of logits.
+UNEVEN_REPLICATED = ("kv_heads", "vocab")
 
 Axes = Sequence[str | None]
 
@@ -59,17 +79,35 @@ def rule_axes(name: str) -> tuple[str, ...]:
   return (rule,) if isinstance(rule, str) else tuple(rule or ())
 
 
-def logical_to_spec(axes: Axes) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; a mesh axis may be used only once."""
+def _mesh_sizes(mesh) -> dict[str, int]:
+  return {} if mesh is None else dict(mesh.shape)
+
+
+def logical_to_spec(axes: Axes, shape: Sequence[int] | None = None, mesh=None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; a mesh axis may be used only once.
+
+  Args:
+    axes: one logical axis name (or None) per dim.
+    shape: the array's shape; with it, a dim named in `UNEVEN_REPLICATED` that the sizes of
+      its mesh axes on `mesh` do not divide is replicated (None) instead of split.
+    mesh: a Mesh or AbstractMesh; defaults to the active mesh (only read when shape is given).
+  """
+  if shape is not None and len(shape) != len(axes):
+    raise ValueError(f"logical_to_spec: shape {tuple(shape)} has no name for every dim: {axes}")
+  sizes = _mesh_sizes(active_mesh() if mesh is None else mesh) if shape is not None else {}
   used: dict[str, str] = {}
   out = []
-  for name in axes:
+  for i, name in enumerate(axes):
     if name is None:
       out.append(None)
       continue
     if name not in RULES:
       raise KeyError(f"Logical axis {name!r} has no rule in qwen3_jax.sharding.RULES")
     mesh_axes = RULES[name]
+    split = math.prod(sizes.get(m, 1) for m in rule_axes(name))
+    if name in UNEVEN_REPLICATED and sizes and shape[i] % split:
+      out.append(None)
+      continue
     for m in rule_axes(name):
       if m in used:
         raise ValueError(
@@ -90,9 +128,10 @@ def active_mesh():
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   """`with_sharding_constraint` by logical axes; a no-op without an active mesh."""
-  if active_mesh() is None:
+  mesh = active_mesh()
+  if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
@@ -110,16 +149,17 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   """A tree like `state` whose leaves are the NamedShardings the rules give."""
 
   def one(var):
-    return var.replace(NamedSharding(mesh, logical_to_spec(variable_axes(var))))
+    return var.replace(NamedSharding(mesh, logical_to_spec(variable_axes(var), var.shape, mesh)))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def state_specs(state: nnx.State) -> nnx.State:
-  """Like `state_shardings` but PartitionSpecs (for shard_map / abstract meshes)."""
+def state_specs(state: nnx.State, mesh=None) -> nnx.State:
+  """Like `state_shardings` but PartitionSpecs (for shard_map / abstract meshes); `mesh`
+  (default: the active one) decides which uneven dims are replicated."""
 
   def one(var):
-    return var.replace(logical_to_spec(variable_axes(var)))
+    return var.replace(logical_to_spec(variable_axes(var), var.shape, mesh))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -166,15 +206,42 @@ def check_batch(batch: int, mesh, what: str) -> None:
     )
 
 
+def kv_head_repeats(kv_heads: int, q_heads: int | None = None, mesh=None) -> int:
+  """How many times attention repeats each of `kv_heads` kv heads under `mesh` (default: the
+  active mesh): tp / K when the tensor axis tp is larger than K, else 1.
+
+  Raises when the heads cannot be laid out over tp: K neither divides nor is divided by tp,
+  or (given `q_heads`) H is not divisible by tp.
+  """
+  tp = _mesh_sizes(active_mesh() if mesh is None else mesh).get("tensor", 1)
+  if q_heads is not None and q_heads % tp:
+    raise ValueError(
+      f"num_attention_heads={q_heads} is not divisible by the mesh 'tensor' axis (size {tp})"
+    )
+  if kv_heads % tp == 0:
+    return 1
+  if tp % kv_heads:
+    raise ValueError(
+      f"num_key_value_heads={kv_heads} neither divides nor is divisible by the mesh 'tensor' "
+      f"axis (size {tp}): kv heads are split over it, or replicated when fewer"
+    )
+  return tp // kv_heads
+
+
 def validate(cfg: ModelConfig, mesh: Mesh | None, batch_size: int | None = None) -> None:
   """Fails before compiling when the model or batch cannot be split over `mesh`."""
   if mesh is None:
     return
   s = dict(mesh.shape)
+  kv_head_repeats(cfg.num_key_value_heads, cfg.num_attention_heads, mesh)
+  vp = cfg.padded_vocab_size
+  if vp % s["tensor"]:
+    raise ValueError(
+      f"vocab_size={cfg.vocab_size}, padded to {vp} (a multiple of {VOCAB_MULTIPLE}), is not "
+      f"divisible by the mesh 'tensor' axis (size {s['tensor']}); use a tensor axis that "
+      f"divides {VOCAB_MULTIPLE}"
+    )
   checks = [
-    ("num_key_value_heads", cfg.num_key_value_heads, "tensor"),
-    ("num_attention_heads", cfg.num_attention_heads, "tensor"),
-    ("vocab_size", cfg.vocab_size, "tensor"),
     ("hidden_size", cfg.hidden_size, "fsdp"),
     ("intermediate_size", cfg.intermediate_size, "tensor"),
   ]

@@ -176,3 +176,40 @@ def test_full_layer_cache_overflow_raises():
     jax.errors.JaxRuntimeError, match=r"KV cache overflow: writing 4 token\(s\) at slots 4..7"
   ):
     jax.block_until_ready(forward(state, toks, cache))  # traced length: fails at run time
+
+
+def test_decode_with_fewer_kv_heads_than_tensor_equals_full_forward():
+  """2 kv heads on a tensor=4 mesh (each repeated twice), vocab 257: the cache holds the 4
+  repeated heads split over tensor, and cached decoding equals the one-device forward pass."""
+  from qwen3_jax import sharding
+
+  cfg = _cfg(("sparse", "full")).replace(num_experts=0, vocab_size=257)
+  toks = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 7)))
+  model = Qwen3(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits, compiler_options=FAST)(state, toks)
+  assert want.shape == (2, 7, 257)
+
+  mesh = sharding.make_mesh(C.MeshConfig(data=2, tensor=4))
+  sharding.validate(cfg, mesh, batch_size=2)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh))
+
+  @jax.jit(compiler_options=FAST)
+  def step(state, toks, cache):
+    out = nnx.merge(graphdef, state)(toks, cache=cache)
+    return out.logits, out.cache
+
+  off_mesh = init_cache(cfg, 2, 8)  # K = 2 heads: wrong for the tensor=4 mesh
+  with sharding.use_mesh(mesh):
+    cache, got = init_cache(cfg, 2, 8), []
+    assert cache.layers[1]["k"].shape == (1, 2, 8, 4, cfg.head_dim)  # [R, B, S, K * 2, Dh]
+    for a, b in [(0, 4), (4, 5), (5, 6), (6, 7)]:
+      logits, cache = step(state, toks[:, a:b], cache)
+      got.append(logits)
+    k = cache.layers[1]["k"]
+    assert k.sharding.shard_shape(k.shape)[3] == 1  # one (repeated) kv head per tensor shard
+    with pytest.raises(ValueError, match="holds 2 kv heads"):
+      jax.eval_shape(step, state, toks[:, :1], off_mesh)
+  got = np.concatenate(got, 1)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(got.argmax(-1), np.asarray(want).argmax(-1))

@@ -102,6 +102,18 @@ CASES = {
     rope_theta=1e4,
     tie_word_embeddings=False,
   ),
+  # One kv head (MQA: replicated over the test mesh's tensor=2, repeated in attention) and a
+  # vocabulary of 257 (odd: padded to 384 inside, stripped on export).
+  "dense_mqa_odd_vocab": dict(
+    family="dense",
+    hidden_size=40,
+    head_dim=8,
+    num_hidden_layers=2,
+    rope_theta=1e4,
+    tie_word_embeddings=False,
+    num_key_value_heads=1,
+    vocab_size=257,
+  ),
 }
 MOE_CASES = [k for k, v in CASES.items() if v["family"] == "moe"]
 
@@ -119,9 +131,10 @@ def hf_config(case: str):
     rope_parameters={"rope_type": "default", "rope_theta": theta},
     attn_implementation="eager",
   )
+  common.update(kw)
   if family == "moe":
-    return transformers.Qwen3MoeConfig(moe_intermediate_size=24, **common, **kw)
-  return transformers.Qwen3Config(**common, **kw)
+    return transformers.Qwen3MoeConfig(moe_intermediate_size=24, **common)
+  return transformers.Qwen3Config(**common)
 
 
 def random_hf_model(case: str):
@@ -239,7 +252,7 @@ def test_logits_and_aux_loss_match_transformers(case, mesh_name, hf_cases, token
   assert cfg.tie_word_embeddings == spec["tie_word_embeddings"]
   if mesh is not None:  # parameters sit on their shards
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-      want = sharding.logical_to_spec(sharding.variable_axes(var))
+      want = sharding.logical_to_spec(sharding.variable_axes(var), var.shape, mesh)
       assert var.get_value().sharding.spec == want, key
   out = forward(model, tokens, mesh)
   err = rel_err(out.logits, ref.logits.numpy())
@@ -327,10 +340,13 @@ def test_router_choices_match_per_token(case, hf_cases, tokens):
 # ----------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("case", ["moe_sparse_step", "dense_untied"])
+@pytest.mark.parametrize("case", ["moe_sparse_step", "dense_untied", "dense_mqa_odd_vocab"])
 def test_save_pretrained_round_trip_and_transformers_loads_it(case, hf_cases, tokens, tmp_path):
   path, tmodel, ref = hf_cases(case)
   model, cfg = hf.from_pretrained(path)
+  v, vp = cfg.vocab_size, cfg.padded_vocab_size  # 96 -> 128, 257 -> 384: padded with zeros
+  assert vp > v and model.embed_tokens.embedding.shape == (vp, cfg.hidden_size)
+  assert float(np.abs(np.asarray(model.embed_tokens.embedding[...][v:])).max()) == 0.0
   out_dir = str(tmp_path / "ours")
   hf.save_pretrained(model, cfg, out_dir)
   again, cfg2 = hf.from_pretrained(out_dir)
@@ -381,6 +397,57 @@ def test_sharded_index_dirs(hf_cases, tmp_path, mesh):
   loaded = type(tmodel).from_pretrained(ours).eval()
   for name, t in tmodel.state_dict().items():
     assert torch.equal(loaded.state_dict()[name], t), name
+
+
+def test_export_refuses_models_hf_cannot_represent():
+  from qwen3_jax import config as C
+
+  sparse = C.tiny(attention=C.AttentionConfig(pattern=("sparse", "full")))
+  with pytest.raises(ValueError, match=r"sparse attention .*global tokens every 64"):
+    hf.config_to_hf(sparse)
+  with pytest.raises(ValueError, match=r'moe.routing="topp"') as err:
+    hf.config_to_hf(sparse.replace(moe=MoEConfig(routing="topp")))
+  assert "sparse attention" in str(err.value)  # every offending field is named
+  hf.config_to_hf(C.tiny(num_experts=0, moe=MoEConfig(routing="topp")))  # dense: no routing
+
+
+def test_export_is_written_aside_and_renamed(tmp_path, monkeypatch):
+  """A failed export leaves an existing directory as it was (and no temporary directory);
+  a refused model writes nothing; a good export replaces config and weights (stale shards
+  included) and keeps the other files."""
+  from qwen3_jax import config as C
+
+  cfg = C.tiny(num_experts=0, num_hidden_layers=1, vocab_size=300)
+  model = Qwen3(cfg, rngs=nnx.Rngs(0))
+  out = tmp_path / "out"
+  hf.save_pretrained(model, cfg, str(out))
+  (out / "tokenizer.json").write_text("{}")
+  (out / "model-00001-of-00009.safetensors").write_text("stale")
+  before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+  def broken(*args):
+    yield from list(real(*args))[:2]
+    raise RuntimeError("disk full")
+
+  real = hf._hf_tensors
+  monkeypatch.setattr(hf, "_hf_tensors", broken)
+  with pytest.raises(RuntimeError, match="disk full"):
+    hf.save_pretrained(model, cfg, str(out))
+  assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+  monkeypatch.setattr(hf, "_hf_tensors", real)
+  sparse = cfg.replace(attention=C.AttentionConfig(kind="sparse"))
+  with pytest.raises(ValueError, match="sparse attention"):
+    hf.save_pretrained(model, sparse, str(tmp_path / "new"))
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+
+  hf.save_pretrained(model, cfg, str(out), max_shard_bytes=40_000)
+  files = sorted(os.listdir(out))
+  assert "tokenizer.json" in files and "model-00001-of-00009.safetensors" not in files
+  assert hf.INDEX in files and sorted(os.listdir(tmp_path)) == ["out"]
+  reader = hf._Checkpoint(str(out))  # the export holds the true [V, D] table
+  want = np.asarray(model.embed_tokens.embedding[...])[:300]
+  np.testing.assert_array_equal(reader.read(hf._Src("model.embed_tokens.weight", ())), want)
 
 
 def _rewrite(src: str, dst: str, edit) -> None:

@@ -163,6 +163,33 @@ def test_sharded_matches_one_device(data, expected, fused_grads, mesh_name):
       fused(h[:4], w, y[:4], wt[:4], Z)
 
 
+@pytest.mark.parametrize("mesh_name", [None, "fsdp2_expert2_tensor2"])
+def test_padded_vocab_columns_are_masked(data, mesh_name):
+  """A head with 32 padding columns (V = 96 real of Vp = 128) whose logits would win every
+  row (a constant-1 hidden feature gives them +100): with vocab_size=96 the loss, metrics and
+  gradients equal the reference on the true [D + 1, V] head, and the padding columns get a
+  zero gradient. Fused (1 device) and vocab-parallel (tensor=2) paths."""
+  h, w, y, wt = data
+  h1 = jnp.concatenate([h, jnp.ones((B, L, 1), h.dtype)], axis=-1)  # [B, L, D + 1]
+  w1 = jnp.pad(w, ((0, 1), (0, 0)))  # [D + 1, V], the extra feature adds 0 to real logits
+  pad = 0.5 * jax.random.normal(jax.random.key(1), (D + 1, 32)).at[D].set(100.0)
+  wp = jnp.concatenate([w1, pad], axis=1)  # [D + 1, Vp]
+  assert np.all(np.asarray(jnp.argmax(h1 @ wp, -1)) >= V)  # unmasked, a padded id would win
+  want = value_and_grads(reference)(h1, w1, y, wt, Z)
+  mesh = shd.make_mesh(MESHES[mesh_name]) if mesh_name else None
+  fn = lambda *a: fused_cross_entropy(*a[:4], z_loss=a[4], chunk_size=16, vocab_size=V)  # noqa: E731
+  with shd.use_mesh(mesh):
+    (loss, metrics), (dh, dw, dwt) = value_and_grads(fn)(h1, wp, y, wt, Z)
+  check(((loss, metrics), (dh, dw[:, :V], dwt)), want)
+  assert 0.1 < float(metrics["accuracy"]) < 0.9
+  assert float(jnp.abs(dw[:, V:]).max()) == 0.0
+  # A counted padding id as target is an error (NaN), never a silent class.
+  bad = fn(h1, wp, y.at[0, 0].set(V + 3), wt.at[0, 0].set(0.1), Z)[0]
+  assert not np.isfinite(float(bad))
+  with pytest.raises(ValueError, match="vocab_size=129"):
+    fused_cross_entropy(h1, wp, y, wt, vocab_size=129)
+
+
 def test_bad_inputs_raise(data):
   h, w, y, wt = data
   with pytest.raises(ValueError, match="hidden must be"):
@@ -178,11 +205,20 @@ def test_bad_inputs_raise(data):
 # ------------------------------------------------------------------------- through the model
 
 
-@pytest.mark.parametrize("tie, mesh_name", [(False, None), (True, None), (True, "data2_expert4")])
-def test_model_hidden_and_head_give_exact_loss_and_grads(tie, mesh_name):
+@pytest.mark.parametrize(
+  "tie, mesh_name, vocab",
+  [
+    (False, None, 256),
+    (True, None, 256),
+    (True, "data2_expert4", 256),
+    (False, "fsdp2_expert2_tensor2", 257),  # vocab-parallel head padded to 384
+  ],
+)
+def test_model_hidden_and_head_give_exact_loss_and_grads(tie, mesh_name, vocab):
   """model(return_hidden=True) + head_weight() + fused loss == optax CE on model logits, on
-  every parameter's gradient (tied: the embedding gets both the lookup and the head part)."""
-  cfg = C.tiny(num_experts=0, num_hidden_layers=1, tie_word_embeddings=tie)
+  every parameter's gradient (tied: the embedding gets both the lookup and the head part;
+  padded vocab: the [B, L, V] logits against the masked [D, Vp] head)."""
+  cfg = C.tiny(num_experts=0, num_hidden_layers=1, tie_word_embeddings=tie, vocab_size=vocab)
   mesh = shd.make_mesh(MESHES[mesh_name]) if mesh_name else None
   model = shd.create_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)), mesh)
   graphdef, params = nnx.split(model)
@@ -199,11 +235,16 @@ def test_model_hidden_and_head_give_exact_loss_and_grads(tie, mesh_name):
     m = nnx.merge(graphdef, p)
     out = m(tokens, return_hidden=True)
     assert out.logits is None and out.hidden.shape == (8, 12, cfg.hidden_size)
-    return fused_cross_entropy(out.hidden, m.head_weight(), y, wt, z_loss=Z, chunk_size=40)[0]
+    head = m.head_weight()
+    assert head.shape == (cfg.hidden_size, cfg.padded_vocab_size)
+    return fused_cross_entropy(
+      out.hidden, head, y, wt, z_loss=Z, chunk_size=40, vocab_size=cfg.vocab_size
+    )[0]
 
   def hidden_logits(p):
     m = nnx.merge(graphdef, p)
-    return linear(m(tokens, return_hidden=True).hidden, m.head_weight()), m(tokens).logits
+    hidden = m(tokens, return_hidden=True).hidden
+    return linear(hidden, m.head_weight())[..., : cfg.vocab_size], m(tokens).logits
 
   with shd.use_mesh(mesh):
     loss_r, g_r = jax.jit(jax.value_and_grad(ref_loss))(params)

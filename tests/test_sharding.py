@@ -69,8 +69,9 @@ def test_logical_to_spec_rejects_unknown_names():
   "sizes, cfg_kw, batch, words",
   [
     (dict(expert=3), {}, None, ["num_experts=8", "'expert'", "size 3"]),
-    (dict(tensor=4), {}, None, ["num_key_value_heads=2", "'tensor'", "size 4"]),
-    (dict(tensor=2), dict(vocab_size=255), None, ["vocab_size=255", "'tensor'", "size 2"]),
+    (dict(tensor=2), dict(num_attention_heads=6, num_key_value_heads=3), None, ["heads=3", "2)"]),
+    (dict(tensor=4), dict(num_attention_heads=6), None, ["num_attention_heads=6", "size 4"]),
+    (dict(tensor=3), dict(num_attention_heads=6, num_key_value_heads=3), None, ["256", "ze 3"]),
     (dict(fsdp=3), {}, None, ["hidden_size=64", "'fsdp'", "size 3"]),
     (dict(tensor=2), dict(moe_intermediate_size=33), None, ["moe_intermediate_size=33", "2"]),
     (dict(data=2, expert=2), {}, 6, ["batch size 6", "size 4", "2 x 1 x 2"]),
@@ -90,6 +91,9 @@ def test_validate_accepts_good_layouts():
   S.validate(C.tiny(), mesh_of(data=2, expert=2), batch_size=8)
   S.validate(C.tiny(), S.make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2)), batch_size=4)
   S.validate(C.tiny(num_experts=0, moe_intermediate_size=33), mesh_of(tensor=2))
+  # kv heads fewer than the tensor axis (replicated), an odd vocabulary (padded to 384).
+  S.validate(C.tiny(num_key_value_heads=1, vocab_size=257), mesh_of(tensor=4))
+  S.validate(C.tiny(num_key_value_heads=2), mesh_of(tensor=4))
 
 
 def test_model_rejects_indivisible_batch_before_compiling():
@@ -150,3 +154,76 @@ def test_create_sharded_builds_on_shards_without_a_full_copy():
   assert isinstance(unsharded.table[...], jax.Array)
   rows = {r[0]: r for r in S.describe(toy)}
   assert rows["table"][1:] == ((256, 64), str(PartitionSpec("tensor", "fsdp")), "(128, 16)")
+
+
+# ----------------------------------------------------------------------------- uneven shapes
+
+FAST = {"xla_backend_optimization_level": 0}  # tiny programs: skip LLVM optimisation
+
+
+def test_uneven_kv_heads_and_vocab_are_replicated_other_axes_split():
+  mesh = mesh_of(tensor=4)
+  spec = lambda axes, shape: S.logical_to_spec(axes, shape, mesh)  # noqa: E731
+  assert spec(("embed", "kv_heads", "head_dim"), (64, 2, 16)) == PartitionSpec("fsdp", None, None)
+  assert spec(("embed", "kv_heads", "head_dim"), (64, 8, 16)) == PartitionSpec(
+    "fsdp", "tensor", None
+  )
+  assert spec(("batch", "seq", "vocab"), (2, 3, 257)) == PartitionSpec(
+    ("data", "fsdp", "expert"), None, None
+  )
+  assert spec(("embed", "heads"), (64, 6)) == PartitionSpec("fsdp", "tensor")  # validate's job
+  assert S.logical_to_spec(("kv_heads",), (1,)) == PartitionSpec("tensor")  # no mesh: the rule
+  assert S.kv_head_repeats(1, 4, mesh) == 4 and S.kv_head_repeats(8, 8, mesh) == 1
+  assert S.kv_head_repeats(1, 4) == 1  # no active mesh
+
+
+def _param_shapes(model):
+  return {k: tuple(v.shape) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _logits(model, toks, mesh):
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits, compiler_options=FAST)
+  with S.use_mesh(mesh):
+    return np.asarray(fwd(state, toks))
+
+
+def test_mqa_and_odd_vocab_on_tensor_meshes_match_one_device_and_move_between_meshes(tmp_path):
+  """One kv head (replicated over tensor, repeated inside attention) and vocab 257 (stored
+  padded to 384, logits sliced to 257) on tensor=4 and tensor=2 meshes: the same logits as one
+  device, the same stored shapes on every mesh, and a checkpoint saved on tensor=4 restores
+  on one device and on tensor=2. Sparse and full layers, one kv head for 4 query heads."""
+  from qwen3_jax import checkpoint
+
+  att = C.AttentionConfig(pattern=("sparse", "full"), window=5, global_every=4, max_globals=2)
+  cfg = C.tiny(vocab_size=257, num_key_value_heads=1, num_experts=0, attention=att)
+  toks = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 13)), jnp.int32)
+  make = lambda: Qwen3(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+  one = make()
+  want = _logits(one, toks, None)
+  assert want.shape == (2, 13, 257)
+  assert one.embed_tokens.embedding.shape == (384, 64) and one.lm_head.shape == (64, 384)
+  assert float(np.abs(np.asarray(one.lm_head[...][:, 257:])).max()) == 0.0  # zero padding
+
+  m4 = mesh_of(data=2, tensor=4)
+  S.validate(cfg, m4, batch_size=2)
+  four = S.create_sharded(make, m4)
+  assert _param_shapes(four) == _param_shapes(one)
+  attn = four.layers.sub_0.self_attn
+  assert attn.k_proj[...].sharding.is_fully_replicated  # [R, D, K=1, Dh]: K replicated
+  assert attn.q_proj[...].sharding.shard_shape(attn.q_proj.shape)[2] == 1  # 4 heads / 4
+  got = _logits(four, toks, m4)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+  checkpoint.save_params(str(tmp_path / "p"), four, cfg)
+  back, cfg1 = checkpoint.load_params(str(tmp_path / "p"))  # tensor 4 -> one device
+  assert cfg1 == cfg
+  ref = jax.tree.map(np.asarray, nnx.state(four, nnx.Param).to_pure_dict())
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(back, nnx.Param).to_pure_dict(), ref)
+  m2 = mesh_of(tensor=2)
+  two, _ = checkpoint.load_params(str(tmp_path / "p"), m2)  # tensor 4 -> tensor 2
+  assert _param_shapes(two) == _param_shapes(one)
+  got2 = _logits(two, toks, m2)
+  np.testing.assert_allclose(got2, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(got2.argmax(-1), want.argmax(-1))

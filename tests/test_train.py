@@ -170,3 +170,16 @@ def test_greedy_generate_matches_step_by_step_argmax():
     seq = jnp.asarray([prompt + out[:-1]])
     argmax = np.asarray(jnp.argmax(model(seq).logits[0], -1))
     assert out == argmax[len(prompt) - 1 :].tolist()
+
+
+def test_greedy_generate_never_picks_a_padded_id():
+  """Vocab 130 is stored padded to 256: with every real logit 0 and padding columns that
+  would win, the model's [.., V] logits still make greedy decoding pick id 0."""
+  from qwen3_jax.model import Qwen3
+
+  cfg = C.tiny(num_experts=0, num_hidden_layers=1, vocab_size=130)
+  model = Qwen3(cfg, rngs=nnx.Rngs(0))
+  pad = 100.0 * jax.random.normal(jax.random.key(0), (cfg.hidden_size, 256 - 130))
+  model.lm_head[...] = jnp.zeros((cfg.hidden_size, 256)).at[:, 130:].set(pad)
+  assert model(jnp.asarray([[1, 2]])).logits.shape == (1, 2, 130)
+  assert loop.greedy_generate(model, [[1, 2, 3]], 2) == [[0, 0]]

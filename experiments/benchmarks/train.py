@@ -102,7 +102,9 @@ def loss_fn(model: Qwen3, tokens, labels):
   logits are never materialised; without a gradient only the chunked forward runs)."""
   out = model(tokens, return_hidden=True)
   weights = jnp.full(labels.shape, 1.0 / labels.size, jnp.float32)  # the mean over tokens
-  ce, _ = fused_cross_entropy(out.hidden, model.head_weight(), labels, weights)
+  ce, _ = fused_cross_entropy(
+    out.hidden, model.head_weight(), labels, weights, vocab_size=model.cfg.vocab_size
+  )
   return ce + out.aux["aux_loss"]
 
 

@@ -32,7 +32,13 @@ from qwen3_jax.model.sparse_attention import (
   spans,
   sparse_attention,
 )
-from qwen3_jax.sharding import active_mesh, check_batch, constrain, logical_to_spec
+from qwen3_jax.sharding import (
+  active_mesh,
+  check_batch,
+  constrain,
+  kv_head_repeats,
+  logical_to_spec,
+)
 
 
 def _blocks(l: int, block: int) -> list[tuple[int, int]]:
@@ -142,8 +148,9 @@ def full_attention(q, k, v, segment_ids=None, block=None):
   q, k, v, the output and one log-sum-exp per query as residuals (no [.., L, L]
   probabilities) and recomputes each block's probabilities in the backward pass
   (flash-attention style). Under a mesh the core runs per device in
-  `shard_map` (batch over the data axes, kv heads over `tensor`), so merging B and K into
-  items never reshapes a sharded array.
+  `shard_map` (batch over the data axes, kv heads over `tensor`; kv heads fewer than the
+  tensor axis are repeated first, `repeat_kv_heads`), so merging B and K into items never
+  reshapes a sharded array.
 
   Args:
     q: [B, L, H, Dh] queries (already scaled, normed and rotated).
@@ -188,6 +195,7 @@ def full_attention(q, k, v, segment_ids=None, block=None):
   if mesh is None:
     return local(q, k, v, segment_ids)
   check_batch(b, mesh, "attention: batch")
+  k, v = repeat_kv_heads(k, v, h)
   heads = logical_to_spec(("batch", None, "kv_heads", None))  # L whole: causal needs it
   seg_spec = logical_to_spec(("batch", None))
   return jax.shard_map(
@@ -197,6 +205,17 @@ def full_attention(q, k, v, segment_ids=None, block=None):
     out_specs=heads,
     check_vma=False,
   )(q, k, v, segment_ids)
+
+
+def repeat_kv_heads(k: jax.Array, v: jax.Array, q_heads: int) -> tuple[jax.Array, jax.Array]:
+  """Repeats each kv head r = `kv_head_repeats(K)` times when the active mesh's tensor axis
+  is larger than K (r = 1, a no-op, otherwise), so each tensor shard holds the kv head its
+  query heads use: query head h uses repeated head h // (H / (K r)), which is a copy of kv
+  head h // (H / K), the GQA grouping unchanged. [B, L, K, Dh] -> [B, L, K r, Dh] each."""
+  r = kv_head_repeats(k.shape[2], q_heads)
+  if r == 1:
+    return k, v
+  return jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
 
 
 class Attention(nnx.Module):
@@ -254,6 +273,7 @@ class Attention(nnx.Module):
     v = linear(x, c(self.v_proj))
     q = rope(q, positions, cfg.rope_theta) * (cfg.head_dim**-0.5)
     k = rope(k, positions, cfg.rope_theta)
+    k, v = repeat_kv_heads(k, v, cfg.num_attention_heads)  # K < tensor axis: [B, L, K r, Dh]
     q = constrain(q, ("batch", "seq", "heads", None))
     k = constrain(k, ("batch", "seq", "kv_heads", None))
     v = constrain(v, ("batch", "seq", "kv_heads", None))
@@ -273,6 +293,12 @@ class Attention(nnx.Module):
     else:
       out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
     if cache is not None:
+      if cache["k"].shape[2] != k.shape[2]:
+        raise ValueError(
+          f"the KV cache holds {cache['k'].shape[2]} kv heads per layer but attention uses "
+          f"{k.shape[2]} under this mesh (num_key_value_heads={cfg.num_key_value_heads}, "
+          "repeated when the tensor axis is larger): build it with init_cache under this mesh"
+        )
       ck, cv, c_meta = kv_cache.key_meta(cache, layout.start)
       out_c, lse_c = dense_attention(q, ck, cv, q_meta, c_meta, w, m)
       out, _ = merge(out, lse, out_c, lse_c)

@@ -1,7 +1,8 @@
 """KV cache for decoding: ring buffers of keys/values per layer, plus the global tokens' K/V.
 
 Layout of one layer's cache (a dict; leaves get a leading [R] repeat axis in `KVCache`):
-  k, v:   [B, S, K, Dh]  real tokens' keys/values; slot t lives at index t % S
+  k, v:   [B, S, K, Dh]  real tokens' keys/values; slot t lives at index t % S (K here is
+          K * tp / K = tp heads when a tensor axis tp > K repeats them: `init_cache`)
   seg:    [B, S] int32   their segment ids (-1 = never written)
   gk, gv: [B, Gs, K, Dh] global tokens' keys/values, per row: the row's n-th global token
                          (n counted over the row's life, `KVCache.globals`) at index n % Gs
@@ -102,10 +103,13 @@ def capacities(cfg: ModelConfig, kind: str, max_len: int) -> tuple[int, int]:
   return min(att.window, max_len), min(att.max_globals or n_glob, n_glob)
 
 
-def init_layer_cache(cfg, kind, batch, max_len, repeats, dtype) -> dict[str, jax.Array]:
-  """Empty cache of one sub-layer, stacked over `repeats`."""
+def init_layer_cache(
+  cfg, kind, batch, max_len, repeats, dtype, kv_heads=None
+) -> dict[str, jax.Array]:
+  """Empty cache of one sub-layer, stacked over `repeats`, with `kv_heads` heads (default
+  K; more when attention repeats kv heads over a larger tensor axis)."""
   s, gs = capacities(cfg, kind, max_len)
-  kh, dh = cfg.num_key_value_heads, cfg.head_dim
+  kh, dh = kv_heads or cfg.num_key_value_heads, cfg.head_dim
   out = {
     "k": jnp.zeros((repeats, batch, s, kh, dh), dtype),
     "v": jnp.zeros((repeats, batch, s, kh, dh), dtype),

@@ -59,12 +59,24 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def vocab_param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, vocab_dim: int) -> nnx.Param:
+  """An embedding-like parameter whose `vocab_dim` is the padded vocab Vp: normal(0, std)
+  rows for the V real ids, zeros for the padding ids >= V (never looked up, masked out of
+  the logits)."""
+  w = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+  if cfg.padded_vocab_size > cfg.vocab_size:
+    real = jnp.arange(shape[vocab_dim]) < cfg.vocab_size  # [Vp]
+    w = jnp.where(jnp.expand_dims(real, 1 - vocab_dim), w, 0)
+  return nnx.Param(w, axes=axes)
+
+
 class Embed(nnx.Module):
-  """Token embedding table [V, D] (its transpose is the LM head when tied: `Qwen3.head_weight`)."""
+  """Token embedding table [Vp, D] (Vp = `cfg.padded_vocab_size`; its transpose is the LM head
+  when tied: `Qwen3.head_weight`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.embedding = param(
-      rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype
+    self.embedding = vocab_param(
+      rngs, cfg, (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"), vocab_dim=0
     )
     self.dtype = jnp.dtype(cfg.dtype)
 

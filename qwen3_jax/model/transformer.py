@@ -20,10 +20,10 @@ from qwen3_jax.config import ModelConfig, canonical_dtype
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.kv_cache import KVCache
-from qwen3_jax.model.layers import MLP, Embed, RMSNorm, linear, param
+from qwen3_jax.model.layers import MLP, Embed, RMSNorm, linear, param, vocab_param
 from qwen3_jax.model.moe import MoE, aux_losses
 from qwen3_jax.model.sparse_attention import Layout, check_documents, make_layout
-from qwen3_jax.sharding import constrain
+from qwen3_jax.sharding import constrain, kv_head_repeats
 
 # Scalars averaged over MoE layers, in `ModelOutput.aux`.
 AUX_SCALARS = (
@@ -141,8 +141,8 @@ class Qwen3(nnx.Module):
     self.layers = make_groups(rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
     if not cfg.tie_word_embeddings:
-      self.lm_head = param(
-        rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
+      self.lm_head = vocab_param(
+        rngs, cfg, (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"), vocab_dim=1
       )
     if kv_cache.global_every(cfg):  # Learnable global token (sparse attention), [1, D].
       self.global_embedding = param(rngs, (1, cfg.hidden_size), (None, "embed"), cfg.param_dtype)
@@ -168,7 +168,8 @@ class Qwen3(nnx.Module):
     token per call). Chunks may start and end anywhere: cached decoding in any chunking
     equals one full forward pass.
     return_hidden: give `hidden` [B, L, D] (after the final norm, compute dtype) and no
-    logits; `linear(hidden, self.head_weight())` are the logits (before the float32 cast).
+    logits; `linear(hidden, self.head_weight())[..., :V]` are the logits (before the float32
+    cast; the head has Vp = `cfg.padded_vocab_size` columns).
     When some layer is sparse (and global_every = g > 0) a learnable global token is inserted
     before each document's tokens at document offsets 0, g, 2g, ... (with that token's
     position and segment) and its output dropped: it takes part in every layer, and full
@@ -221,12 +222,15 @@ class Qwen3(nnx.Module):
     if return_hidden:
       x = constrain(x, ("batch", "seq", None))
       return ModelOutput(logits=None, aux=self._collect_aux(auxes), cache=cache, hidden=x)
-    logits = linear(x, self.head_weight())
+    logits = linear(x, self.head_weight())  # [B, L, Vp]
     logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+    if cfg.padded_vocab_size > cfg.vocab_size:  # padded ids are never real: drop them
+      logits = constrain(logits[..., : cfg.vocab_size], ("batch", "seq", "vocab"))  # [B, L, V]
     return ModelOutput(logits=logits, aux=self._collect_aux(auxes), cache=cache)
 
   def head_weight(self) -> jax.Array:
-    """The LM head as a [D, V] matrix in the compute dtype (embedding.T when tied)."""
+    """The LM head as a [D, Vp] matrix in the compute dtype (embedding.T when tied); columns
+    from `cfg.vocab_size` on are vocab padding, to be masked (`fused_ce`) or sliced off."""
     if self.cfg.tie_word_embeddings:
       return self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype).T
     return self.lm_head[...].astype(jnp.dtype(self.cfg.dtype))
@@ -278,14 +282,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   call fails at run time with a JaxRuntimeError naming the overflow, see
   `kv_cache.check_room`); a model with only sparse layers just keeps wrapping its rings.
   dtype defaults to the compute dtype.
+  Call it under the mesh you decode on: when its tensor axis tp exceeds the kv heads K, the
+  cache holds each kv head tp / K times (as attention repeats them), split over `tensor`.
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
   period = layer_period(cfg)
   dtype = jnp.dtype(cfg.dtype if dtype is None else canonical_dtype(dtype, "init_cache dtype"))
+  kv_heads = cfg.num_key_value_heads * kv_head_repeats(cfg.num_key_value_heads)
   layers = tuple(
     kv_cache.init_layer_cache(
-      cfg, cfg.attention.kind_of_layer(j), batch, max_len, cfg.num_hidden_layers // period, dtype
+      cfg,
+      cfg.attention.kind_of_layer(j),
+      batch,
+      max_len,
+      cfg.num_hidden_layers // period,
+      dtype,
+      kv_heads,
     )
     for j in range(period)
   )

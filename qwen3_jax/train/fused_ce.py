@@ -13,6 +13,10 @@ in all (the unfused autodiff recomputes nothing either, but it writes and reads 
 logits, softmax and cotangent in memory, which costs more than the GEMMs' arithmetic on CPU).
 Without differentiation (eval, forward-only) the primal runs: the same chunks, no gradient.
 
+The head may carry vocab padding (`Qwen3.head_weight()` is [D, Vp]): columns from
+`vocab_size` on get the logit NEG_INF, so they add nothing to the log-sum-exp, never count as
+the max for accuracy, and get a zero gradient.
+
 With a mesh `tensor` axis > 1 (the vocab is split over it) the plain path runs instead: full
 [B, L, V] logits, vocab-parallel under the SPMD partitioner, autodiff gradient. Otherwise,
 under a mesh the tokens stay where they are: the chunk scan runs under `shard_map` over this
@@ -21,7 +25,7 @@ loss sums and dhead are reduced once at the end, not per chunk: dhead is reduce-
 over `fsdp` (it leaves split like the head parameter) and all-reduced over the other data
 axes.
 
-Shape letters: B batch, L length, D embed, V vocab, T = B * L tokens, C chunk rows.
+Shape letters: B batch, L length, D embed, V vocab (Vp padded), T = B * L tokens, C chunk rows.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax import sharding as shd
+from qwen3_jax.model.sparse_attention import NEG_INF
 
 CHUNK_SIZE = 1024  # Rows per chunk; on 2 CPU cores 1024 beat 256..4096 at D=512, V=8192.
 METRICS = ("ce", "z_loss", "accuracy")
@@ -47,13 +52,14 @@ def fused_cross_entropy(
   *,
   z_loss: float = 0.0,
   chunk_size: int = CHUNK_SIZE,
+  vocab_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted next-token cross-entropy (+ z-loss) straight from the final hidden states.
 
   Args:
     hidden: [B, L, D] hidden states after the final norm (any float dtype; the logits are
       computed as float32, `preferred_element_type`, so bf16 inputs give float32 logits).
-    head: [D, V] LM-head weight in the compute dtype (`Qwen3.head_weight()`: embedding.T when
+    head: [D, Vp] LM-head weight in the compute dtype (`Qwen3.head_weight()`: embedding.T when
       tied, lm_head otherwise).
     targets: [B, L] int target token ids in [0, V) (a counted one outside gives a NaN loss).
     weights: [B, L] float per-token weights, e.g. loss_mask / number of loss tokens; 0 drops a
@@ -62,6 +68,8 @@ def fused_cross_entropy(
     chunk_size: about how many token rows per chunk (on each device under a mesh); the rows
       are split into ceil(T / chunk_size) equal chunks, padding at most one row per chunk with
       weight 0.
+    vocab_size: V, the real vocabulary: head columns V..Vp-1 are padding, masked out. None:
+      every column is real (V = Vp).
 
   Returns:
     (loss, metrics). loss: [] float32 = sum(weights * (ce + z_loss * lse^2)), differentiable
@@ -85,23 +93,29 @@ def fused_cross_entropy(
     raise ValueError(f"fused_cross_entropy: targets must be integers, got {targets.dtype}")
   if chunk_size < 1:
     raise ValueError(f"fused_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+  vocab = head.shape[1] if vocab_size is None else int(vocab_size)
+  if not 1 <= vocab <= head.shape[1]:
+    raise ValueError(
+      f"fused_cross_entropy: vocab_size={vocab_size} must be in [1, {head.shape[1]}] (head "
+      f"{head.shape})"
+    )
   weights = weights.astype(jnp.float32)
   mesh = shd.active_mesh()
   if mesh is not None and mesh.shape["tensor"] > 1:
     # The vocab is split over `tensor`: full logits let the SPMD partitioner keep the head and
     # its gradient vocab-parallel, where the fused scan would replicate them on every device.
-    loss, metrics = _unfused(hidden, head, targets, weights, float(z_loss))
+    loss, metrics = _unfused(hidden, head, targets, weights, float(z_loss), vocab)
   else:
-    loss, metrics = _fused(hidden, head, targets, weights, float(z_loss), chunk_size)
+    loss, metrics = _fused(hidden, head, targets, weights, float(z_loss), chunk_size, vocab)
   return loss, dict(zip(METRICS, metrics, strict=True))
 
 
-def _unfused(hidden, head, targets, weights, z_loss):
-  """The same loss and metrics from materialised [B, L, V] float32 logits (plain autodiff)."""
+def _unfused(hidden, head, targets, weights, z_loss, vocab):
+  """The same loss and metrics from materialised [B, L, Vp] float32 logits (plain autodiff)."""
   logits = jnp.einsum("bld,dv->blv", hidden, head, preferred_element_type=jnp.float32)
-  logits = shd.constrain(logits, ("batch", "seq", "vocab"))
+  logits = _mask_padding(shd.constrain(logits, ("batch", "seq", "vocab")), vocab)
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
-  y = _safe_targets(targets, weights, head.shape[1])
+  y = _safe_targets(targets, weights, vocab, head.shape[1])
   target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
   nll = lse - target_logit
   loss = jnp.sum(weights * (nll + z_loss * lse**2))
@@ -110,19 +124,19 @@ def _unfused(hidden, head, targets, weights, z_loss):
   return loss, metrics
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(hidden, head, targets, weights, z_loss, chunk_size):
-  loss, metrics, _ = _run(hidden, head, targets, weights, z_loss, chunk_size, grad=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(hidden, head, targets, weights, z_loss, chunk_size, vocab):
+  loss, metrics, _ = _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, grad=False)
   return loss, metrics
 
 
-def _fused_fwd(hidden, head, targets, weights, z_loss, chunk_size):
-  loss, metrics, grads = _run(hidden, head, targets, weights, z_loss, chunk_size, grad=True)
+def _fused_fwd(hidden, head, targets, weights, z_loss, chunk_size, vocab):
+  loss, metrics, grads = _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, grad=True)
   return (loss, metrics), grads
 
 
-def _fused_bwd(z_loss, chunk_size, grads, cotangents):
-  del z_loss, chunk_size
+def _fused_bwd(z_loss, chunk_size, vocab, grads, cotangents):
+  del z_loss, chunk_size, vocab
   d_hidden, d_head, d_weights = grads
   g = cotangents[0]  # d(out)/d(loss); the metrics' cotangents are dropped (documented).
   return (
@@ -136,14 +150,14 @@ def _fused_bwd(z_loss, chunk_size, grads, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _run(hidden, head, targets, weights, z_loss, chunk_size, *, grad):
+def _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, *, grad):
   """(loss, metrics tuple, (d_hidden, d_head, d_weights) or None): locally or under shard_map.
 
   Under a mesh, d_head leaves split like the head's `embed` dim when that dim is split over
   batch axes only (fsdp): those axes reduce-scatter it, the other batch axes all-reduce it, so
   no device ever holds the summed full-size gradient.
   """
-  fn = functools.partial(_local, z_loss=z_loss, chunk_size=chunk_size, grad=grad)
+  fn = functools.partial(_local, z_loss=z_loss, chunk_size=chunk_size, vocab=vocab, grad=grad)
   mesh = shd.active_mesh()
   if mesh is None:
     return fn(hidden, head, targets, weights, reduce_axes=(), scatter_axes=())
@@ -169,7 +183,9 @@ def _run(hidden, head, targets, weights, z_loss, chunk_size, *, grad):
   )(hidden, head, targets, weights)
 
 
-def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_axes, scatter_axes):
+def _local(
+  hidden, head, targets, weights, *, z_loss, chunk_size, vocab, grad, reduce_axes, scatter_axes
+):
   """The fused loss over this device's tokens. The sums are psum-ed over reduce_axes and
   scatter_axes; d_head is psum-ed over reduce_axes and reduce-scattered (dim 0) over
   scatter_axes."""
@@ -182,7 +198,7 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
   pad = n * c - t
   h = hidden.reshape(t, d)
   w = weights.reshape(t)
-  y = _safe_targets(targets.reshape(t), w, v)
+  y = _safe_targets(targets.reshape(t), w, vocab, v)
   if pad:  # weight-0 rows with target 0: they add nothing to any sum or gradient
     h = jnp.pad(h, ((0, pad), (0, 0)))
     y = jnp.pad(y, (0, pad))
@@ -191,7 +207,7 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
 
   def chunk(hb, yb, wb):
     """Per-chunk forward: weighted sums [4] and what the gradient needs."""
-    logits = jnp.dot(hb, head, preferred_element_type=jnp.float32)  # [C, V]
+    logits = _mask_padding(jnp.dot(hb, head, preferred_element_type=jnp.float32), vocab)
     m = logits.max(-1)  # [C]
     e = jnp.exp(logits - m[:, None])  # [C, V]
     s = e.sum(-1)  # [C]
@@ -237,12 +253,20 @@ def _local(hidden, head, targets, weights, *, z_loss, chunk_size, grad, reduce_a
   return sums[0], tuple(sums[1:]), (dh, d_head, d_weights)
 
 
-def _safe_targets(targets, weights, vocab: int):
+def _mask_padding(logits, vocab: int):
+  """[..., Vp] logits with the padding columns (ids >= vocab) set to NEG_INF."""
+  if vocab == logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, NEG_INF)
+
+
+def _safe_targets(targets, weights, vocab: int, cols: int):
   """int32 targets where a weight-0 row's out-of-range id (e.g. -1 to ignore) reads 0. On a
-  counted row an out-of-range id is kept: it gives a NaN loss (the gather's fill value), not a
-  silent clip."""
+  counted row an out-of-range id is kept (a padding id in [vocab, cols) becomes cols): it gives
+  a NaN loss (the gather's fill value), not a silent clip."""
   y = targets.astype(jnp.int32)
-  return jnp.where((weights != 0) | ((y >= 0) & (y < vocab)), y, 0)
+  y = jnp.where((weights != 0) | ((y >= 0) & (y < vocab)), y, 0)
+  return jnp.where(y >= vocab, cols, y)
 
 
 def _psum(x, axes):

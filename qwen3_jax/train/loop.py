@@ -334,7 +334,8 @@ def greedy_generate(
   @jax.jit
   def step(params, buf, t):  # buf [R, T], t [R]: tokens already in each row
     seg = (jnp.arange(total)[None, :] < t[:, None]).astype(jnp.int32)
-    logits = nnx.merge(graphdef, params)(buf, segment_ids=seg).logits  # [R, T, V]
+    # [R, T, V]: the model slices off the vocab padding, so argmax never picks a padded id.
+    logits = nnx.merge(graphdef, params)(buf, segment_ids=seg).logits
     nxt = jnp.argmax(jnp.take_along_axis(logits, (t - 1)[:, None, None], axis=1)[:, 0], -1)
     return buf.at[jnp.arange(buf.shape[0]), t].set(nxt.astype(jnp.int32)), t + 1
 

@@ -57,7 +57,8 @@ def loss_terms(
 
   Args:
     hidden: [B, L, D] final hidden states (`model(..., return_hidden=True).hidden`).
-    head: [D, V] LM-head weight (`model.head_weight()`).
+    head: [D, Vp] LM-head weight (`model.head_weight()`; columns >= cfg.vocab_size are
+      padding, masked out).
     aux: the model's aux dict; batch: BATCH_KEYS arrays [B, L].
     totals: `batch_totals` of the *global* batch (all micro-batches).
     z_loss: weight of mean(logsumexp(logits)^2) over loss tokens.
@@ -69,7 +70,9 @@ def loss_terms(
   """
   w = batch["loss_mask"].astype(jnp.float32) / totals["n_loss"]  # [B, L]
   # loss = sum(w * (ce + z_loss * lse^2)); metrics (no gradient): ce, z_loss, accuracy parts.
-  loss, metrics = fused_cross_entropy(hidden, head, batch["targets"], w, z_loss=z_loss)
+  loss, metrics = fused_cross_entropy(
+    hidden, head, batch["targets"], w, z_loss=z_loss, vocab_size=cfg.vocab_size
+  )
   if cfg.is_moe:
     seg = batch["segment_ids"] > 0
     tok_share = seg.astype(jnp.float32).sum() / totals["n_tok"]

@@ -213,7 +213,9 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
   def eval_step(params, batch):
     out, head = forward(graphdef, params, batch)
     w = batch["loss_mask"].astype(jnp.float32)
-    _, m = fused_cross_entropy(out.hidden, head, batch["targets"], w)  # forward only: chunked
+    _, m = fused_cross_entropy(  # forward only: chunked
+      out.hidden, head, batch["targets"], w, vocab_size=mcfg.vocab_size
+    )
     return {"ce_sum": m["ce"], "n": w.sum()}
 
   batch_tree = {k: batch_sh for k in BATCH_KEYS}
