@@ -60,7 +60,7 @@ def _batch(b=2, l=16, vocab=256):
 
 
 @pytest.mark.parametrize(
-  "attention,strategy", [("full", "dense"), ("sparse", "capacity"), ("full", "dropless")]
+  "attention,strategy", [("full", "dense"), ("sparse", "capacity"), ("full", "dropless_blocks")]
 )
 def test_softmax_norm_and_loss_stay_float32(attention, strategy):
   att = C.AttentionConfig(kind=attention, window=4, global_every=4, block_size=4)
