@@ -3,16 +3,16 @@
 XLA:CPU allocates every temporary buffer of a step with malloc and frees it at the end. With
 glibc's defaults, buffers above the mmap threshold (at most 32 MiB) are fresh `mmap`s, and
 freed memory at the top of a heap is given back to the kernel, so each step page-faults its
-working set in again: 470k-710k minor faults per `small`-preset train step on one device.
+working set in again (hundreds of thousands of minor faults per `small`-preset train step).
 Keeping freed memory in one heap (no mmap, one arena, no trimming) lets the next step reuse
-it: ~0 faults, and the step ran 9-13 % faster (`scripts/benchmark.py --suite=train`, with and
-without QWEN3_JAX_MALLOC=default; its `minor_faults` column). glibc reads these settings only
-when the process starts (GLIBC_TUNABLES), so an entry point that wants them re-executes
-itself once.
+it: about no faults, and a faster step (docs/cpu_allocator.md; `scripts/benchmark.py
+--suite=train` with and without QWEN3_JAX_MALLOC=default, its `minor_faults` column). glibc
+reads these settings only when the process starts (GLIBC_TUNABLES), so an entry point that
+wants them re-executes itself once.
 
-One arena serialises malloc across threads: the `make run` command on 8 simulated CPU devices
-with steps=300 trained in 38 s with it vs 26 s without (QWEN3_JAX_MALLOC=tuned vs default).
-So the benchmark (one device) tunes by default and training only when asked:
+One arena serialises malloc across threads, which made the 8-simulated-device `make run`
+slower (docs/cpu_allocator.md). So the benchmark (one device) tunes by default and training
+only when asked:
 QWEN3_JAX_MALLOC=tuned | default overrides both.
 """
 

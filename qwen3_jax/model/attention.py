@@ -70,8 +70,8 @@ def _einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 # The causal core works on "items": one (sequence, kv head) pair each, stacked along a leading
 # axis N. Layouts: queries qt [N, L, G, Dh] (the G query heads of the kv head folded into the
 # rows), keys transposed kt [N, Dh, L], values vt [N, L, Dh], segments [N, L] or None. Keys
-# are kept transposed, and the key/value gradients are accumulated transposed, because those
-# were the faster operand / output layouts of XLA:CPU's batched matmuls in micro-benchmarks.
+# are kept transposed, and the key/value gradients are accumulated transposed: those are the
+# faster operand / output layouts of XLA:CPU's batched matmuls (docs/attention_kernel.md).
 
 
 def _block_logits(qt, kt, seg, start, end):
@@ -143,8 +143,8 @@ def full_attention(q, k, v, segment_ids=None, block=None):
 
   Every (sequence, kv head) pair is an independent item: q/k/v are transposed once to
   item-major layouts with ONE batch dim (queries [N, L, G, Dh] with the G query heads of a kv
-  head folded into the rows, keys [N, Dh, L], values [N, L, Dh]); XLA:CPU ran the core's
-  batched matmuls faster over one merged batch dim than over (B, K). A custom VJP keeps only
+  head folded into the rows, keys [N, Dh, L], values [N, L, Dh]): XLA:CPU runs batched
+  matmuls over one merged batch dim faster than over (B, K). A custom VJP keeps only
   q, k, v, the output and one log-sum-exp per query as residuals (no [.., L, L]
   probabilities) and recomputes each block's probabilities in the backward pass
   (flash-attention style). Under a mesh the core runs per device in
