@@ -86,8 +86,9 @@ class MoEConfig:
 class AttentionConfig:
   """Attention kind per layer. `sparse` = causal sliding window + global tokens.
 
-  Exact rules in qwen3_jax/model/sparse_attention.py. Global tokens exist only when some layer
-  is sparse; full layers then see them as ordinary earlier positions.
+  Placement of global tokens in qwen3_jax/model/global_tokens.py, the exact visibility rule in
+  qwen3_jax/model/sparse_attention.py. Global tokens exist only when some layer is sparse;
+  full layers then see them as ordinary earlier positions.
   """
 
   kind: str = "full"  # Default kind for every layer when `pattern` is empty.

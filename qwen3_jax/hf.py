@@ -19,7 +19,7 @@ Layouts (ours <- Hugging Face `[out, in]` linear weights):
   lm_head [D, Vp] <- lm_head.weight [V, D] (+ zero padding columns); export strips the padding
   (Vp = `ModelConfig.padded_vocab_size`)
 Layer i of the model is `layers.sub_{i % period}` at index `i // period` (see
-`qwen3_jax.model.transformer.layer_period`).
+`qwen3_jax.model.period.layer_period`).
 
 `save_pretrained` writes the per-expert layout that the Hugging Face hub uses, into a temporary
 directory renamed into place at the end; models Hugging Face cannot represent (sparse
@@ -48,7 +48,8 @@ from safetensors.numpy import save_file
 
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.model.transformer import Qwen3, layer_period
+from qwen3_jax.model.period import layer_period
+from qwen3_jax.model.transformer import Qwen3
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 SAFETENSORS = "model.safetensors"

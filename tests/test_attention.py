@@ -17,12 +17,8 @@ from numerics import assert_close
 from qwen3_jax import config as C
 from qwen3_jax import sharding
 from qwen3_jax.model.attention import Attention, full_attention
-from qwen3_jax.model.sparse_attention import (
-  check_documents,
-  global_slots,
-  make_layout,
-  sparse_attention,
-)
+from qwen3_jax.model.global_tokens import check_documents, global_slots, make_layout
+from qwen3_jax.model.sparse_attention import sparse_attention
 from qwen3_jax.model.transformer import Qwen3
 
 B, H, KH, DH = 2, 4, 2, 8

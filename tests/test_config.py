@@ -13,7 +13,7 @@ from flax import nnx
 from qwen3_jax import config as C
 from qwen3_jax.config import AttentionConfig, MeshConfig, ModelConfig, MoEConfig
 from qwen3_jax.model import Qwen3
-from qwen3_jax.model.transformer import init_cache
+from qwen3_jax.model.kv_cache import init_cache
 
 # (constructor, substrings the error message must contain)
 INVALID = [

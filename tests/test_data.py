@@ -83,7 +83,7 @@ def _chats(rng, n, max_len):
 
 @pytest.mark.parametrize("cap", [0, 3])
 def test_pack_keeps_conversations_whole(cap):
-  from qwen3_jax.model.transformer import default_positions
+  from qwen3_jax.model.global_tokens import default_positions
 
   seq_len = 24
   ids, loss, doc = _chats(np.random.default_rng(cap), 300, max_len=40)  # some longer than 25

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from qwen3_jax import config as C
-from qwen3_jax.model.transformer import Qwen3, init_cache
+from qwen3_jax.model.kv_cache import init_cache
+from qwen3_jax.model.transformer import Qwen3
 
 L, PAD = 19, 3  # row 1 is left-padded with PAD tokens of segment 0 (as in batched rollouts)
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs: skip LLVM optimisation

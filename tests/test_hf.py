@@ -24,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 from qwen3_jax import hf, sharding
 from qwen3_jax.config import MeshConfig, ModelConfig, MoEConfig
 from qwen3_jax.model import Qwen3
-from qwen3_jax.model.transformer import default_positions, layer_period
+from qwen3_jax.model.global_tokens import default_positions
+from qwen3_jax.model.period import layer_period
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

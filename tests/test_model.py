@@ -15,8 +15,8 @@ from numerics import assert_close
 from qwen3_jax import config as C
 from qwen3_jax.config import MeshConfig, MoEConfig
 from qwen3_jax.model import Qwen3
-from qwen3_jax.model.sparse_attention import make_layout
-from qwen3_jax.model.transformer import default_positions, layer_period, moe_layer_indices
+from qwen3_jax.model.global_tokens import default_positions, make_layout
+from qwen3_jax.model.period import layer_period, moe_layer_indices
 from qwen3_jax.sharding import RULES, create_sharded, make_mesh
 
 B, L = 8, 16

@@ -27,7 +27,8 @@ from flax import nnx
 from experiments.benchmarks.common import compiled_cost, report, time_fn
 from qwen3_jax import config as C
 from qwen3_jax.model.attention import full_attention
-from qwen3_jax.model.sparse_attention import make_layout, sparse_attention
+from qwen3_jax.model.global_tokens import make_layout
+from qwen3_jax.model.sparse_attention import sparse_attention
 from qwen3_jax.model.transformer import Qwen3
 
 HEADS, HEAD_DIM = 8, 64

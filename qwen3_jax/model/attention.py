@@ -2,9 +2,9 @@
 
 `Attention(cfg, kind="full" | "sparse")`. Sparse = causal sliding window of `window` real keys
 (the query itself included) + the `max_globals` most recent global tokens of the query's
-document, computed blockwise; the exact visibility rule and the per-document placement of
-global tokens are in `sparse_attention.py`. A full layer sees every earlier position of its
-document in the interleaved (real + global) sequence.
+document, computed blockwise; the per-document placement of global tokens is in
+`global_tokens.py`, the exact visibility rule in `sparse_attention.py`. A full layer sees
+every earlier position of its document in the interleaved (real + global) sequence.
 With a KV cache, a chunk attends to its own keys (blockwise / dense as above) and to the
 cached ones (dense over the cache's rings, see `kv_cache.py`); the two softmax partials are
 merged with their log-sum-exps, so cached decoding equals the full forward pass.
@@ -20,14 +20,13 @@ from flax import nnx
 
 from qwen3_jax.config import ATTENTION_KINDS, ModelConfig
 from qwen3_jax.model import kv_cache
+from qwen3_jax.model.global_tokens import Layout, make_layout
 from qwen3_jax.model.layers import RMSNorm, linear, param, rope
 from qwen3_jax.model.sparse_attention import (
   INF_SPAN,
   NEG_INF,
-  Layout,
   chunk_meta,
   dense_attention,
-  make_layout,
   merge,
   spans,
   sparse_attention,

@@ -1,4 +1,5 @@
-"""KV cache for decoding: ring buffers of keys/values per layer, plus the global tokens' K/V.
+"""KV cache for decoding (`init_cache`): ring buffers of keys/values per layer, plus the global
+tokens' K/V.
 
 Layout of one layer's cache (a dict; leaves get a leading [R] repeat axis in `KVCache`):
   k, v:   [B, S, K, Dh]  real tokens' keys/values; slot t lives at index t % S (K here is
@@ -8,7 +9,7 @@ Layout of one layer's cache (a dict; leaves get a leading [R] repeat axis in `KV
                          (n counted over the row's life, `KVCache.globals`) at index n % Gs
   gseg:   [B, Gs] int32  their segment ids (-1 = never written)
   gslot:  [B, Gs] int32  slot of the real token each global precedes
-  gnum:   [B, Gs] int32  its number within its document (`sparse_attention.py`)
+  gnum:   [B, Gs] int32  its number within its document (`global_tokens.py`)
 The global entries exist only when the model has global tokens. Capacities: a `full` layer
 keeps everything (S = max_len, Gs = ceil(max_len / g)) and writing past max_len is an error
 (`check_room`), never a silent sliding window; a `sparse` layer keeps a ring of its
@@ -28,9 +29,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qwen3_jax.config import ModelConfig
-from qwen3_jax.model.sparse_attention import Layout
-from qwen3_jax.sharding import constrain
+from qwen3_jax.config import ModelConfig, canonical_dtype
+from qwen3_jax.model.global_tokens import Layout, global_every
+from qwen3_jax.model.period import layer_period
+from qwen3_jax.sharding import constrain, kv_head_repeats
 
 KV_AXES = ("batch", None, "kv_heads", None)  # [B, S, K, Dh]: rows over data, heads over tensor
 
@@ -42,7 +44,7 @@ class KVCache:
   Attributes:
     length: [] int32, real tokens processed so far = slot of the next token (same for every
       row; left-pad prompts with segment id 0 to align rows).
-    layers: one dict per sub-layer of the scanned `LayerGroup` (see `layer_period`), leaves with a
+    layers: one dict per sub-layer of the scanned `LayerGroup` (`period.py`), leaves with a
       leading [R] (repeats) axis; see the module docstring for the keys.
     seg: [B] int32 segment id of each row's last token (-1 before the first chunk).
     offset: [B] int32 document offset of each row's next token if it continues that segment.
@@ -61,8 +63,35 @@ jax.tree_util.register_dataclass(
 )
 
 
-def new_cache(layers: tuple[dict[str, jax.Array], ...], batch: int) -> KVCache:
-  """An empty `KVCache` around freshly initialised per-layer dicts."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty KV cache for `batch` rows and at most `max_len` real tokens per row.
+
+  Full layers keep all `max_len` keys, sparse layers a ring of their window (and of their
+  `max_globals` global tokens). Size it for prompt + generation: writing past `max_len` into a
+  model with full layers raises (a ValueError when `cache.length` is concrete; under jit the
+  call fails at run time with a JaxRuntimeError naming the overflow, see `check_room`); a
+  model with only sparse layers just keeps wrapping its rings.
+  dtype defaults to the compute dtype.
+  Call it under the mesh you decode on: when its tensor axis tp exceeds the kv heads K, the
+  cache holds each kv head tp / K times (as attention repeats them), split over `tensor`.
+  """
+  if batch < 1 or max_len < 1:
+    raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+  period = layer_period(cfg)
+  dtype = jnp.dtype(cfg.dtype if dtype is None else canonical_dtype(dtype, "init_cache dtype"))
+  kv_heads = cfg.num_key_value_heads * kv_head_repeats(cfg.num_key_value_heads)
+  layers = tuple(
+    init_layer_cache(
+      cfg,
+      cfg.attention.kind_of_layer(j),
+      batch,
+      max_len,
+      cfg.num_hidden_layers // period,
+      dtype,
+      kv_heads,
+    )
+    for j in range(period)
+  )
   return KVCache(
     length=jnp.zeros((), jnp.int32),
     layers=layers,
@@ -85,12 +114,6 @@ def advance(cache: KVCache, layers, layout: Layout, seg) -> KVCache:
     offset=layout.offset[:, -1] + 1,
     globals=cache.globals + layout.seen[:, -1],
   )
-
-
-def global_every(cfg: ModelConfig) -> int:
-  """g of the model: global tokens exist only when some layer is sparse."""
-  att = cfg.attention
-  return att.global_every if att.uses_sparse else 0
 
 
 def capacities(cfg: ModelConfig, kind: str, max_len: int) -> tuple[int, int]:

@@ -1,19 +1,9 @@
 """Causal sliding-window + global-token attention, computed blockwise (sub-quadratic).
 
-Documents. A document is a maximal run of equal, nonzero segment ids in a row (segment id 0
-is padding). A token's document offset p counts from its document's first token (0, 1, ...;
-with a KV cache it continues across chunks while the segment id does not change). These are
-the default RoPE positions, but global placement uses the offsets, not the positions given.
-
-Global tokens. A learnable global token sits, in the causal order, immediately *before* each
-real token of document offset p = 0, g, 2g, ... (g = `global_every`); it is number j = p / g
-of its document, takes that token's RoPE position and segment, and belongs to that document.
-Padding gets none. Placement therefore depends only on the document, never on where the
-document sits in a packed row: the same document gives the same logits at any row offset.
-
-The model works on two streams per chunk: L real tokens at slots start..start+L-1 and Ng
-global slots per row (row r's globals in causal order, then unused slots). Every rule below
-is stated with, per query, three integers and its segment:
+Documents, the placement of global tokens and the chunk's two streams (L real tokens at slots
+start..start+L-1, then Ng global slots per row) are defined in `global_tokens.py`; this module
+is the attention over them. Every rule below is stated with, per query, three integers and its
+segment:
 
   anchor a: the last real slot the query may see (a = t for real slot t, a = u - 1 for the
             global before real slot u: the real tokens strictly before it);
@@ -31,190 +21,30 @@ of the query's document. Globals are never part of the window band, so nothing i
 twice; a global sees only what precedes it and only later queries see it (causality holds in
 the interleaved order).
 
-Static bound on global slots. A piece of n tokens of one document holds at most ceil(n / g)
-multiples of g among its offsets, whatever offset it starts at; a chunk of L tokens holding at
-most D documents (pieces) therefore needs at most
-
-  Ng = min(L, floor((L + D * (g - 1)) / g))    [= ceil(L / g) when D = 1]
-
-global slots per row (`global_slots`; tight: D pieces of lengths = 1 mod g reach it). D is
-`AttentionConfig.max_docs_per_row` (0 = no cap: D = L), or 1 when the caller passes no
-segment ids. A row with more documents than D raises (`check_documents`), so a global is never
-silently dropped.
-
 Blockwise cost for real queries: each block of b queries reads ceil((w-1)/b)+1 key blocks
 plus one contiguous run of M + floor((b - 1 + min(D, b - 1) * (g - 1)) / g) global slots (the M
-most recent at the block's first query and those the next b - 1 queries add): O(L * (w + b +
-M + min(D, b))) compute and memory. Global queries read a gathered window of w real keys and
-M globals: O(Ng * (w + M)). No L x L array exists anywhere when M is finite (M = 0 means "all
-globals": quadratic). Shape letters: B batch, N blocks, Q queries per block, S keys, K kv heads,
-G q heads per kv head, Dh head dim, Ng global slots per row.
+most recent at the block's first query and those the next b - 1 queries add; D documents per
+row, `global_tokens.py`): O(L * (w + b + M + min(D, b))) compute and memory. Global queries
+read a gathered window of w real keys and M globals: O(Ng * (w + M)). No L x L array exists
+anywhere when M is finite (M = 0 means "all globals": quadratic). Shape letters: B batch,
+N blocks, Q queries per block, S keys, K kv heads, G q heads per kv head, Dh head dim,
+Ng global slots per row.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from qwen3_jax.model.global_tokens import Layout
 
 NEG_INF = -1e30  # Large finite negative: fully masked rows stay NaN-free.
 INF_SPAN = 1 << 30  # "Unlimited" window / global cap.
-_FAR = -(1 << 30)  # Before any slot.
-
-
-def global_slots(num_real: int, every: int, max_docs: int) -> int:
-  """Ng, the global slots a row of a chunk needs (module docstring).
-
-  Args:
-    num_real: L, real tokens in the chunk.
-    every: g (0 = no global tokens).
-    max_docs: D, most documents (pieces) in one row of the chunk; <= 0 or > L means L.
-  """
-  if not every:
-    return 0
-  d = num_real if max_docs <= 0 else min(max_docs, num_real)
-  return min(num_real, (num_real + d * (every - 1)) // every)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where the real and global tokens of one chunk sit, per row (static + traced).
-
-  Attributes:
-    num_real: L, real tokens in the chunk (static).
-    num_globals: Ng global slots per row (static; 0 without globals), see `global_slots`.
-    every: g, global_every (0 = no globals).
-    max_docs: D, documents a row of the chunk may hold (static, 1 <= D <= L).
-    start: [] int, slot of the chunk's first real token (0 without a KV cache).
-    glob_start: [B] int, global tokens each row held before the chunk (0 without a cache).
-    offset: [B, L] int32 document offset of each real token.
-    count: [B, L] int32 newest global number of its document a real token sees (offset // g).
-    seen: [B, L] int32 the row's global slots at or before each real token (inclusive).
-    docs: [B] int32 documents (pieces) in each row of the chunk.
-    glob_offset: [B, Ng] chunk offset of the real token each global slot precedes; L for an
-      unused slot (a row's globals come first, in causal order).
-    glob_number: [B, Ng] the global's number j within its document.
-    glob_valid: [B, Ng] bool, the slot holds a global.
-  """
-
-  num_real: int
-  num_globals: int
-  every: int
-  max_docs: int
-  start: jax.Array | int
-  glob_start: jax.Array | int
-  offset: jax.Array
-  count: jax.Array
-  seen: jax.Array
-  docs: jax.Array
-  glob_offset: jax.Array
-  glob_number: jax.Array
-  glob_valid: jax.Array
-
-  @property
-  def real_slots(self) -> jax.Array:  # [L]
-    return self.start + jnp.arange(self.num_real, dtype=jnp.int32)
-
-  @property
-  def glob_slots(self) -> jax.Array:  # [B, Ng] slot of the real token after each global
-    return self.start + self.glob_offset
 
 
 def _rows(x, idx):
   """Per-row gather: x [B, N, ...], idx [B, ...] ints in [0, N) -> [B, *idx.shape[1:], ...]."""
   return jax.vmap(lambda a, i: a[i])(x, idx)
-
-
-def make_layout(
-  seg, every: int, max_docs: int = 0, *, start=0, prev_seg=None, prev_offset=None, prev_globals=0
-) -> Layout:
-  """The chunk's documents and the global slots of each row.
-
-  Args:
-    seg: [B, L] int segment ids of the chunk's real tokens (0 = padding, ids >= 0).
-    every: g; 0 = no global tokens.
-    max_docs: D, documents (pieces) a row of the chunk may hold; 0 = no cap (D = L).
-    start: [] slot of the chunk's first token (the KV cache length).
-    prev_seg: [B] segment id of each row's token before the chunk (None or -1: none).
-    prev_offset: [B] document offset the chunk's first token has if it continues that
-      segment (None: 0).
-    prev_globals: [B] global tokens each row already holds (the cache's ring position).
-  Returns:
-    A `Layout`. A row holding more than D documents would get wrong global slots:
-    `check_documents(layout)` raises for it (the model runs it).
-  """
-  b, l = seg.shape
-  seg = seg.astype(jnp.int32)
-  idx = jnp.arange(l, dtype=jnp.int32)
-  prev_seg = jnp.full((b,), -1, jnp.int32) if prev_seg is None else prev_seg
-  prev_offset = jnp.zeros((b,), jnp.int32) if prev_offset is None else prev_offset
-  before = jnp.concatenate([prev_seg[:, None].astype(jnp.int32), seg[:, :-1]], axis=1)
-  new = seg != before  # [B, L] a document (or a padding run) starts here
-  # Run start as a chunk offset; -prev_offset for the run that continues the cached one.
-  run_start = jnp.maximum(
-    jax.lax.cummax(jnp.where(new, idx, _FAR), axis=1), -prev_offset[:, None].astype(jnp.int32)
-  )
-  offset = idx - run_start  # [B, L]
-  docs = jnp.sum((new | (idx == 0)) & (seg != 0), axis=1, dtype=jnp.int32)  # [B]
-  d = l if max_docs <= 0 else min(max_docs, l)
-  ng = global_slots(l, every, d)
-  g = max(every, 1)
-  needs = (seg != 0) & (offset % g == 0) & (every > 0)  # [B, L] a global precedes this token
-  seen = jnp.cumsum(needs, axis=1, dtype=jnp.int32)
-  rank = jnp.where(needs, seen - 1, ng)  # ng: out of range, dropped
-  goff = jax.vmap(lambda r: jnp.full((ng,), l, jnp.int32).at[r].set(idx, mode="drop"))(rank)
-  goff = goff if ng else jnp.zeros((b, 0), jnp.int32)
-  valid = goff < l
-  gnum = _rows(offset, jnp.clip(goff, 0, l - 1)) // g
-  return Layout(
-    num_real=l,
-    num_globals=ng,
-    every=every,
-    max_docs=d,
-    start=start,
-    glob_start=prev_globals,
-    offset=offset,
-    count=offset // g,
-    seen=seen,
-    docs=docs,
-    glob_offset=goff,
-    glob_number=jnp.where(valid, gnum, -1),
-    glob_valid=valid,
-  )
-
-
-def _documents_error(docs, max_docs: int, num_real: int) -> str:
-  return (
-    f"sparse attention: a row holds {int(docs.max())} documents (runs of one nonzero segment "
-    f"id) in a chunk of {num_real} tokens, more than attention.max_docs_per_row={max_docs}, "
-    f"which sizes the global-token slots per row; raise attention.max_docs_per_row (0 = no "
-    f"cap) or cap the packer's documents per row (data.max_docs_per_row). Documents per row: "
-    f"{docs.tolist()}"
-  )
-
-
-def check_documents(layout: Layout) -> None:
-  """Raises if some row holds more documents than the layout's global slots were sized for.
-
-  With concrete segment ids this raises `ValueError` now; under `jit` it adds a host callback
-  that raises when the program runs (surfacing as a runtime error carrying the same message).
-  Nothing is added when the bound cannot be exceeded (no globals, or D = L).
-  """
-  if not layout.num_globals or layout.max_docs >= layout.num_real:
-    return
-  d, l = layout.max_docs, layout.num_real
-
-  def check(docs):
-    docs = np.asarray(docs)
-    if docs.max(initial=0) > d:
-      raise ValueError(_documents_error(docs, d, l))
-
-  if isinstance(layout.docs, jax.core.Tracer):
-    jax.debug.callback(check, layout.docs)
-  else:
-    check(layout.docs)
 
 
 def visible(q_meta, k_meta, window, max_globals):

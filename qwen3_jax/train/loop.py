@@ -29,7 +29,7 @@ from qwen3_jax import sharding as shd
 from qwen3_jax.config import to_dict
 from qwen3_jax.data import pipeline
 from qwen3_jax.data.tokenizer import load_tokenizer, train_tokenizer
-from qwen3_jax.model import kv_cache
+from qwen3_jax.model import global_tokens
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.metrics import MetricsWriter
 from qwen3_jax.train.step import Program, TrainState, make_program
@@ -75,7 +75,7 @@ def build_data(cfg: TrainConfig, workdir: str, printer=print):
     )
   ids, loss, doc = pipeline.tokenize(docs, tok)
   max_docs = dcfg.max_docs_per_row
-  model_cap = cfg.model.attention.max_docs_per_row if kv_cache.global_every(cfg.model) else 0
+  model_cap = cfg.model.attention.max_docs_per_row if global_tokens.global_every(cfg.model) else 0
   if model_cap and not 0 < max_docs <= model_cap:
     max_docs = model_cap  # the model's global-token slots per row bound its documents per row
   rows, stats = pipeline.pack(
