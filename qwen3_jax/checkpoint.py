@@ -82,7 +82,8 @@ def merge_params(graphdef: nnx.GraphDef, abs_state: nnx.State, params: dict) -> 
   return nnx.merge(graphdef, abs_state)
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
+  """Process 0 writes `obj` to `path` atomically (a temporary file, then a rename)."""
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -90,7 +91,9 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+  """Waits until every process has reached the barrier `name` (a no-op with one process); used
+  around files that process 0 writes and the others then read."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -115,7 +118,7 @@ def quarantine(ckpt_root: str, step: int, reason: str) -> None:
     dest = os.path.join(dest_root, f"{step}-{int(time.time())}")
     shutil.move(os.path.join(ckpt_root, str(step)), dest)
     log.warning("Moved the unreadable checkpoint to %s (delete it yourself when done)", dest)
-  _sync(f"quarantine_{step}")
+  sync_processes(f"quarantine_{step}")
 
 
 def _path_str(path) -> str:
@@ -196,8 +199,8 @@ def save_params(directory: str, model: nnx.Module, config: ModelConfig) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS), params)
   ckptr.wait_until_finished()
-  _write_json(os.path.join(directory, "config.json"), to_dict(config))
-  _sync("save_params")
+  write_json(os.path.join(directory, "config.json"), to_dict(config))
+  sync_processes("save_params")
 
 
 def _resolve_params_path(path: str) -> tuple[str, ModelConfig, list[str]]:

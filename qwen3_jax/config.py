@@ -103,7 +103,7 @@ class AttentionConfig:
   # Most documents (runs of one nonzero segment id) in one row of a packed batch; sizes the
   # global slots per row: min(L, (L + D * (g - 1)) // g) for L tokens, D = this (1 without
   # segment ids). A row holding more raises. 0 = no cap (L slots: exact for any packing).
-  # The training pipeline packs no more documents per row (train/loop.py:build_data).
+  # The training pipeline packs no more documents per row (train/inputs.py:build_data).
   max_docs_per_row: int = 16
   block_size: int = 128  # sparse: query/key block length of the blockwise computation.
   pattern: tuple[

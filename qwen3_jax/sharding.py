@@ -134,6 +134,39 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def logical_specs(tree):
+  """A pytree of logical axes -> the same pytree of PartitionSpecs, for `jax.shard_map`.
+
+  Leaves are tuples of logical axis names, one per leading dim (a name or None; dims past the
+  tuple are whole), e.g. `("batch", None)`; `()` is replicated. A None stays None (an argument
+  that is None). Any other tuple or container holds leaves.
+  """
+  return jax.tree.map(logical_to_spec, tree, is_leaf=_is_axes)
+
+
+def shard_map(fn: Callable, *, in_axes, out_axes, mesh=None, check_vma: bool = True) -> Callable:
+  """`jax.shard_map(fn)` with its in/out specs named by logical axes (`logical_specs`), so the
+  rules table decides which mesh axes each argument and output is split over.
+
+  Args:
+    fn: the per-device body; collectives in it name mesh axes (e.g. `rule_axes("batch")`).
+    in_axes, out_axes: logical axes of the arguments / outputs (pytree prefixes of them).
+    mesh: defaults to the active mesh.
+    check_vma: as in `jax.shard_map` (type-checks which values vary over which mesh axes).
+  """
+  return jax.shard_map(
+    fn,
+    mesh=active_mesh() if mesh is None else mesh,
+    in_specs=logical_specs(in_axes),
+    out_specs=logical_specs(out_axes),
+    check_vma=check_vma,
+  )
+
+
 def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
   """Logical axes of a parameter; a leading extra dimension is the scanned `layers` axis."""
   axes = tuple(var.get_metadata().get("axes", ()))

@@ -51,7 +51,8 @@ def main(argv):
 
   from configs.common import to_train_config
   from qwen3_jax.checkpoint import load_params
-  from qwen3_jax.train.loop import greedy_generate, train
+  from qwen3_jax.train.loop import train
+  from qwen3_jax.train.sample import greedy_generate
 
   cfg = to_train_config(f.config)
   summary = train(cfg, f.workdir)

@@ -6,7 +6,7 @@
   run in bf16; the loss, its metrics, the MoE statistics and the gradients are float32.
 - 50 steps of the (one-layer) tiny model in bf16 follow the float32 loss curve (same data,
   same init), with no non-finite step; master weights and optimizer state stay float32.
-- A bf16 run's checkpoint (written and read by the training loop's `save` / `initial_state`)
+- A bf16 run's checkpoint (written and read by `resume.save` / `resume.initial_state`)
   resumes exactly: the same losses and final state as the uninterrupted run.
 """
 
@@ -24,7 +24,7 @@ from qwen3_jax.data.pipeline import Batches
 from qwen3_jax.model import Qwen3
 from qwen3_jax.model.layers import RMSNorm
 from qwen3_jax.model.moe import route
-from qwen3_jax.train import loop
+from qwen3_jax.train import inputs, resume
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 from qwen3_jax.train.fused_ce import fused_cross_entropy
 from qwen3_jax.train.losses import batch_totals, loss_terms
@@ -148,7 +148,7 @@ def _run(prog, state, data, start, stop, on_step=None):
   """Steps start..stop-1 (batch `step` of `data`) -> (state, [loss per step])."""
   out = []
   for step in range(start, stop):
-    state, m = prog.train_step(state, loop.to_global(data[step], prog))
+    state, m = prog.train_step(state, inputs.to_global(data[step], prog))
     out.append(float(m["loss"]))
     if on_step is not None:
       on_step(step + 1, state)
@@ -171,7 +171,7 @@ def runs(tmp_path_factory):
     def save(step, state, ck=ck, data=data, cfg=cfg):
       data.step = step  # as the loop counts batches handed out
       if ck is not None and step == SAVE_AT:
-        loop.save(ck, state, step, data, cfg, force=True)
+        resume.save(ck, state, step, data, cfg, force=True)
 
     state, curve = _run(prog, prog.init(), data, 0, STEPS, save)
     if ck is not None:
@@ -200,7 +200,7 @@ def test_bf16_checkpoint_resumes_exactly(runs):
   prog, final, curve = out["bfloat16"]
   data = Batches(_rows(), prog.cfg.batch_size, seed=0)
   with ckpt.Checkpointer(d, save_every=0) as ck:
-    state, step = loop.initial_state(prog, ck, data, printer=lambda *_: None)
+    state, step = resume.initial_state(prog, ck, data, printer=lambda *_: None)
   assert step == SAVE_AT and data.step == SAVE_AT and int(state.step) == SAVE_AT
   state, resumed = _run(prog, state, data, SAVE_AT, STEPS)
   assert resumed == curve[SAVE_AT:]

@@ -19,7 +19,7 @@ from qwen3_jax import checkpoint as ckpt
 from qwen3_jax import config as C
 from qwen3_jax import sharding as shd
 from qwen3_jax.data.pipeline import DataConfig
-from qwen3_jax.train import loop
+from qwen3_jax.train import inputs, loop, resume
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 from qwen3_jax.train.step import make_program
 
@@ -119,11 +119,11 @@ def next_loss8(reference):
   """The loss of step 2N+1 on the 8-device mesh the checkpoint was written on."""
   cfg, d, _ = reference
   wd = os.path.join(d, "ref")
-  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = inputs.build_data(cfg, wd, printer=lambda *_: None)
   prog8 = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(wd, save_every=0) as ck:
-    s8, step = loop.initial_state(prog8, ck, data, print)
-  return float(prog8.train_step(s8, loop.to_global(data[step], prog8))[1]["loss"])
+    s8, step = resume.initial_state(prog8, ck, data, print)
+  return float(prog8.train_step(s8, inputs.to_global(data[step], prog8))[1]["loss"])
 
 
 @pytest.mark.parametrize("ndev,mesh", [(4, C.MeshConfig(expert=4)), (1, C.MeshConfig())])
@@ -131,15 +131,15 @@ def test_restore_onto_other_mesh(reference, next_loss8, ndev, mesh):
   cfg, d, ref = reference
   wd = os.path.join(d, "ref")
   cfg = dataclasses.replace(cfg, mesh=mesh)
-  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = inputs.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, shd.make_mesh(mesh, jax.devices()[:ndev]))
   with ckpt.Checkpointer(wd, save_every=0) as ck:
-    state, step = loop.initial_state(prog, ck, data, print)
+    state, step = resume.initial_state(prog, ck, data, print)
   assert step == 2 * N and data.step == 2 * N
   jax.tree.map(np.testing.assert_array_equal, as_np(state.params), as_np(ref["state"].params))
   leaf = state.params["layers"]["sub_0"]["mlp"]["gate_proj"]
   assert len(leaf.sharding.device_set) == ndev
-  _, m = prog.train_step(state, loop.to_global(data[step], prog))
+  _, m = prog.train_step(state, inputs.to_global(data[step], prog))
   np.testing.assert_allclose(float(m["loss"]), next_loss8, rtol=1e-6)
 
 
@@ -162,10 +162,10 @@ def test_corrupt_checkpoint_skipped(reference, caplog):
         open(os.path.join(dirpath, name), "w").close()
   model, mcfg = ckpt.load_params(wd)  # params-only restore falls back to step N too
   assert mcfg == cfg.model
-  _, data, _, _ = loop.build_data(cfg, wd, printer=lambda *_: None)
+  _, data, _, _ = inputs.build_data(cfg, wd, printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(wd, save_every=0) as ck:
-    state, step = loop.initial_state(prog, ck, data, print)
+    state, step = resume.initial_state(prog, ck, data, print)
   assert step == N and data.step == N
   assert os.path.isdir(tmp)  # not deleted
   moved = os.listdir(os.path.join(wd, "checkpoints_corrupt"))
@@ -230,10 +230,10 @@ def test_params_only_roundtrip(tmp_path):
 
 def test_init_from_loads_params_only(reference, tmp_path):
   cfg, d, ref = reference
-  _, data, _, _ = loop.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
+  _, data, _, _ = inputs.build_data(cfg, os.path.join(d, "ref"), printer=lambda *_: None)
   prog = make_program(cfg, _mesh8())
   with ckpt.Checkpointer(str(tmp_path / "new"), save_every=0) as ck:
-    state, step = loop.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))
+    state, step = resume.initial_state(prog, ck, data, print, init_from=os.path.join(d, "ref"))
   assert step == 0 and int(state.step) == 0  # a fresh optimizer, the previous run's weights
   jax.tree.map(np.testing.assert_array_equal, as_np(state.params), as_np(ref["state"].params))
   fresh = as_np(prog.init().opt_state)

@@ -223,7 +223,7 @@ def test_embedded_corpus_has_code_and_chats():
 
 def test_build_data_reports_dropped_and_efficiency(tmp_path):
   from qwen3_jax import config as C
-  from qwen3_jax.train import loop
+  from qwen3_jax.train import inputs
   from qwen3_jax.train.config import TrainConfig
 
   chat = lambda q, a: {
@@ -236,7 +236,7 @@ def test_build_data_reports_dropped_and_efficiency(tmp_path):
   data = pipeline.DataConfig(sources=(str(path),), loss_on="assistant", eval_fraction=0.0)
   cfg = TrainConfig(num_steps=1, batch_size=2, seq_len=64, model=C.tiny(vocab_size=512), data=data)
   lines = []
-  _, train, _, stats = loop.build_data(cfg, str(tmp_path), printer=lines.append)
+  _, train, _, stats = inputs.build_data(cfg, str(tmp_path), printer=lines.append)
   assert (stats.documents, stats.dropped, stats.split) == (43, 3, 0)
   assert train.num_rows == stats.rows and 0.5 < stats.efficiency <= 1
   text = "\n".join(lines)
@@ -249,7 +249,7 @@ def test_build_data_obeys_the_models_global_token_bound(tmp_path):
   (attention.max_docs_per_row = 2): the packer, uncapped by the data config, packs no more,
   and a tighter data cap (1) is kept."""
   from qwen3_jax import config as C
-  from qwen3_jax.train import loop
+  from qwen3_jax.train import inputs
   from qwen3_jax.train.config import TrainConfig
 
   path = tmp_path / "short.txt"
@@ -261,5 +261,5 @@ def test_build_data_obeys_the_models_global_token_bound(tmp_path):
     cfg = TrainConfig(num_steps=1, batch_size=2, seq_len=64, model=model, data=data)
     workdir = tmp_path / f"cap{data_cap}"
     workdir.mkdir()
-    _, train, _, _ = loop.build_data(cfg, str(workdir), printer=lambda _: None)
+    _, train, _, _ = inputs.build_data(cfg, str(workdir), printer=lambda _: None)
     assert train.rows["segment_ids"].max() == want

@@ -65,6 +65,19 @@ def test_logical_to_spec_rejects_unknown_names():
     S.logical_to_spec(("hidden",))
 
 
+def test_shard_map_takes_logical_axes():
+  P = PartitionSpec
+  tree = (("batch", None), (), None, [("experts", None, "expert_mlp")])
+  want = (P(S.BATCH_AXES, None), P(), None, [P("expert", None, "tensor")])
+  assert S.logical_specs(tree) == want
+  mesh = S.make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+  x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+  with S.use_mesh(mesh):
+    f = S.shard_map(lambda a: jax.lax.psum(a.sum(), S.BATCH_AXES), in_axes=("batch",), out_axes=())
+    total = jax.jit(f)(x)
+  assert float(total) == float(x.sum())  # each device summed its 2 rows, then all of them
+
+
 @pytest.mark.parametrize(
   "sizes, cfg_kw, batch, words",
   [

@@ -13,7 +13,7 @@ from flax import nnx
 from configs import common, pretrain
 from qwen3_jax import config as C
 from qwen3_jax import sharding as shd
-from qwen3_jax.train import loop
+from qwen3_jax.train import resume, sample
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 from qwen3_jax.train.optimizer import decay_mask, schedule
 from qwen3_jax.train.step import make_program
@@ -99,12 +99,12 @@ def test_compiles_once_and_overfits():
 
 
 def test_non_finite_streak_stops_with_clear_message():
-  loop.check_bad_streak(2, 3, 10, "/ckpts")  # below the limit: goes on
+  resume.check_bad_streak(2, 3, 10, "/ckpts")  # below the limit: goes on
   with pytest.raises(
-    loop.NonFiniteError,
+    resume.NonFiniteError,
     match="3 non-finite steps in a row at step 11.*last good checkpoint in /ckpts is intact",
   ):
-    loop.check_bad_streak(3, 3, 11, "/ckpts")
+    resume.check_bad_streak(3, 3, 11, "/ckpts")
 
 
 def test_decay_mask_and_schedule():
@@ -163,7 +163,7 @@ def test_greedy_generate_matches_step_by_step_argmax():
 
   model = Qwen3(C.tiny(moe=C.MoEConfig(strategy="dense")), rngs=nnx.Rngs(5))
   prompts = [[1, 2, 3, 4, 5], [7, 8]]
-  got = loop.greedy_generate(model, prompts, 3)
+  got = sample.greedy_generate(model, prompts, 3)
   for prompt, out in zip(prompts, got, strict=True):
     # Reference: one causal forward of the unpadded prompt + continuation (no segment ids);
     # every generated token must be the argmax at the position before it.
@@ -182,4 +182,4 @@ def test_greedy_generate_never_picks_a_padded_id():
   pad = 100.0 * jax.random.normal(jax.random.key(0), (cfg.hidden_size, 256 - 130))
   model.lm_head[...] = jnp.zeros((cfg.hidden_size, 256)).at[:, 130:].set(pad)
   assert model(jnp.asarray([[1, 2]])).logits.shape == (1, 2, 130)
-  assert loop.greedy_generate(model, [[1, 2, 3]], 2) == [[0, 0]]
+  assert sample.greedy_generate(model, [[1, 2, 3]], 2) == [[0, 0]]

@@ -36,7 +36,7 @@ from qwen3_jax.sharding import (
   check_batch,
   constrain,
   kv_head_repeats,
-  logical_to_spec,
+  shard_map,
 )
 
 
@@ -195,14 +195,10 @@ def full_attention(q, k, v, segment_ids=None, block=None):
     return local(q, k, v, segment_ids)
   check_batch(b, mesh, "attention: batch")
   k, v = repeat_kv_heads(k, v, h)
-  heads = logical_to_spec(("batch", None, "kv_heads", None))  # L whole: causal needs it
-  seg_spec = logical_to_spec(("batch", None))
-  return jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(heads, heads, heads, None if segment_ids is None else seg_spec),
-    out_specs=heads,
-    check_vma=False,
+  heads = ("batch", None, "kv_heads", None)  # [B, L, H or K, Dh]; L whole: causal needs it
+  seg = None if segment_ids is None else ("batch", None)  # [B, L]
+  return shard_map(
+    local, mesh=mesh, in_axes=(heads, heads, heads, seg), out_axes=heads, check_vma=True
   )(q, k, v, segment_ids)
 
 

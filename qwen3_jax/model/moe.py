@@ -34,7 +34,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.dispatch import (
@@ -47,7 +46,7 @@ from qwen3_jax.model.dispatch import (
   swiglu_experts,
 )
 from qwen3_jax.model.layers import param
-from qwen3_jax.sharding import BATCH_AXES, active_mesh, check_batch
+from qwen3_jax.sharding import BATCH_AXES, active_mesh, check_batch, shard_map
 
 # ----------------------------------------------------------------------------- routing
 
@@ -219,12 +218,12 @@ class MoE(nnx.Module):
       return y.reshape(b, l, d), aux
     check_batch(b, mesh, "MoE: batch")
     tp = mesh.shape["tensor"]
-    tok = P(BATCH_AXES, None)
-    w_specs = (
-      P(),
-      P("expert", None, "tensor"),
-      P("expert", None, "tensor"),
-      P("expert", "tensor", None),
+    tok = ("batch", None)  # [T, D] tokens; D whole
+    w_axes = (  # gate [D, E] replicated; experts split, D whole
+      (),
+      ("experts", None, "expert_mlp"),
+      ("experts", None, "expert_mlp"),
+      ("experts", "expert_mlp", None),
     )
     body = functools.partial(
       fn,
@@ -232,12 +231,9 @@ class MoE(nnx.Module):
       ep_axis="expert" if mesh.shape["expert"] > 1 else None,
       tp_axis="tensor" if tp > 1 else None,
     )
-    y, aux = jax.shard_map(
-      body,
-      mesh=mesh,
-      in_specs=(tok, P(BATCH_AXES), w_specs),
-      out_specs=(tok, P()),
-      check_vma=False,
+    # check_vma=False: dropless_blocks' fori_loop carries start as non-varying zeros (dispatch.py)
+    y, aux = shard_map(
+      body, mesh=mesh, in_axes=(tok, ("batch",), w_axes), out_axes=(tok, ()), check_vma=False
     )(x.reshape(b * l, d), mask, weights)
     return y.reshape(b, l, d), aux
 

@@ -1,1 +1,2 @@
-"""Training: losses, AdamW, TrainState, the jitted step, the loop, metrics."""
+"""Training: losses, AdamW, TrainState, the jitted step, the SFT / pretraining loop, metrics,
+and what every loop reuses: inputs, resume / save, evaluation."""

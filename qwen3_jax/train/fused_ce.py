@@ -35,7 +35,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from qwen3_jax import sharding as shd
 from qwen3_jax.model.sparse_attention import NEG_INF
@@ -168,18 +167,18 @@ def _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, *, grad):
   scatter = (
     embed_axes if set(embed_axes) <= set(batch_axes) and hidden.shape[-1] % n_embed == 0 else ()
   )
-  tok = P(batch_axes)  # [B, ...] split over the batch axes, the rest whole
-  grads_spec = (tok, P(scatter or None), tok) if grad else None
-  return jax.shard_map(
+  tok = ("batch",)  # [B, ...] split over the batch axes, the rest whole
+  grads_axes = (tok, ("embed",) if scatter else (), tok) if grad else None  # d_head [D, Vp]
+  return shd.shard_map(
     functools.partial(
       fn,
       reduce_axes=tuple(a for a in batch_axes if a not in scatter),
       scatter_axes=scatter,
     ),
     mesh=mesh,
-    in_specs=(tok, P(), tok, tok),
-    out_specs=(P(), P(), grads_spec),
-    check_vma=False,
+    in_axes=(tok, (), tok, tok),
+    out_axes=((), (), grads_axes),
+    check_vma=True,
   )(hidden, head, targets, weights)
 
 
@@ -242,6 +241,8 @@ def _local(
     return d_head, (sums, row, dh)
 
   d_head0 = jnp.zeros((d, v), jnp.float32)
+  if all_axes:  # the carry varies over the batch axes (as the tokens do) from the first chunk
+    d_head0 = jax.lax.pcast(d_head0, all_axes, to="varying")
   d_head, (sums, rows, dh) = jax.lax.scan(body, d_head0, xs)
   sums = _psum(sums.sum(0), all_axes)
   d_head = _psum(d_head, reduce_axes)
