@@ -14,7 +14,8 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # Main job: pretrain the tiny MoE on the embedded corpus, 8 simulated CPU devices (2 data x
-# 4 expert), ~2.5-5 min on 2 cores; checkpoints + TensorBoard in RUN_DIR; greedy samples at the end.
+# 4 expert), about 1-2 min on 2 cores (plus the first install); checkpoints + TensorBoard in
+# RUN_DIR; greedy samples at the end.
 RUN_DIR ?= runs/pretrain_tiny_$(shell date +%Y%m%d_%H%M%S)
 RUN_STEPS ?= 1000
 
