@@ -50,13 +50,20 @@ def sort_slots(ids, active, num_experts):
   choices), and the sort is stable, so within an expert first choices come first.
 
   Returns:
-    order [S] slot number of each sorted position, counts [E] active slots per expert,
-    starts [E] sorted position of each expert's first slot.
+    order [S] slot number of each sorted position, sorted_e [S] expert of each sorted
+    position (num_experts = inactive), counts [E] active slots per expert, starts [E] sorted
+    position of each expert's first slot.
   """
   flat = jnp.where(active, ids, num_experts).T.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   counts = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
-  return order, counts, jnp.cumsum(counts) - counts
+  return order, flat[order], counts, jnp.cumsum(counts) - counts
+
+
+def to_slots(order, sorted_values, k):
+  """Values given per sorted position [S] -> per slot [T, k] (the inverse of the sort)."""
+  flat = jnp.zeros_like(sorted_values).at[order].set(sorted_values)
+  return flat.reshape(k, -1).T
 
 
 def local_choices(ids, active, expert_offset, num_local):
@@ -100,28 +107,20 @@ def capacity_dispatch(x, ids, weights, active, num_experts, cap, expert_fn):
   overflow drops the least important slots. Returns (y [T, D], dropped slot count, rows).
   """
   t, k = ids.shape
-  order, counts, starts = sort_slots(ids, active, num_experts)
+  order, sorted_e, counts, starts = sort_slots(ids, active, num_experts)
   token_of_sorted = order % t
   src = starts[:, None] + jnp.arange(cap)[None, :]  # [E, C] index into sorted slots
   filled = jnp.arange(cap)[None, :] < counts[:, None]  # [E, C]
   src_tok = token_of_sorted[jnp.minimum(src, t * k - 1)]
   buf = jnp.where(filled[..., None], x[src_tok], 0)  # [E, C, D]
   out = expert_fn(buf).reshape(num_experts * cap, -1)  # [E*C, D]
-  pos = _position_in_group(order, ids, active, num_experts, starts)  # [T, k]
+  # Rank of each slot within its expert's sorted group [T, k].
+  pos_sorted = jnp.arange(t * k) - starts[jnp.minimum(sorted_e, num_experts - 1)]
+  pos = to_slots(order, pos_sorted.astype(jnp.int32), k)
   keep = active & (pos < cap)
   dest = jnp.where(keep, ids * cap + pos, 0)
   y = combine(weights, keep, out[dest], x.dtype)
   return y, jnp.sum(active & ~keep), num_experts * cap
-
-
-def _position_in_group(order, ids, active, num_experts, starts):
-  """[T, k]: rank of each active slot within its expert's sorted group."""
-  t, k = ids.shape
-  flat = jnp.where(active, ids, num_experts).T.reshape(-1)
-  sorted_e = flat[order]
-  pos_sorted = jnp.arange(t * k) - starts[jnp.minimum(sorted_e, num_experts - 1)]
-  pos = jnp.zeros(t * k, jnp.int32).at[order].set(pos_sorted.astype(jnp.int32))
-  return pos.reshape(k, t).T
 
 
 # ----------------------------------------------------------------------------- ragged
@@ -137,7 +136,7 @@ def ragged_dispatch(x, ids, weights, active, w, expert_offset=0):
   t, k = ids.shape
   e_loc = wg.shape[0]
   local, keep = local_choices(ids, active, expert_offset, e_loc)
-  order, counts, _ = sort_slots(local, keep, e_loc)
+  order, _, counts, _ = sort_slots(local, keep, e_loc)
   tok = order % t
   xs = x[tok]  # [S, D]
   g = jax.lax.ragged_dot(xs, wg, counts)
@@ -200,13 +199,12 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
   b = block or block_size(s, e_loc)
   nb = num_blocks(s, e_loc, b)
   local, keep = local_choices(ids, active, expert_offset, e_loc)
-  order, counts, starts = sort_slots(local, keep, e_loc)
+  order, sorted_e, counts, starts = sort_slots(local, keep, e_loc)
   blocks_e = -(-counts // b)  # [E] blocks per expert
   block_end = jnp.cumsum(blocks_e)
   first_row = (block_end - blocks_e) * b  # [E] first padded row of each expert
   n_used = block_end[-1]
   # Padded row of each sorted slot; inactive / non-local slots get row nb * b (out of range).
-  sorted_e = jnp.where(keep, local, e_loc).T.reshape(-1)[order]
   safe_e = jnp.minimum(sorted_e, e_loc - 1)
   row_sorted = jnp.where(
     sorted_e < e_loc, first_row[safe_e] + jnp.arange(s) - starts[safe_e], nb * b
@@ -217,8 +215,7 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
     jnp.searchsorted(block_end, jnp.arange(nb), side="right", method="compare_all"), e_loc - 1
   )
   out = expert_blocks(xs, wg, wu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
-  row_of_slot = jnp.zeros(s, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
-  row_of_slot = jnp.minimum(row_of_slot.reshape(k, t).T, nb * b - 1)  # [T, k]
+  row_of_slot = jnp.minimum(to_slots(order, row_sorted.astype(jnp.int32), k), nb * b - 1)
   return combine(weights, keep, out[row_of_slot], x.dtype), n_used * b
 
 
@@ -338,7 +335,7 @@ def ragged_exchange_dispatch(x, ids, weights, active, w, ep_axis):
   e_loc = wg.shape[0]
   n = jax.lax.axis_size(ep_axis)
   me = jax.lax.axis_index(ep_axis)
-  order, counts, _ = sort_slots(ids, active, n * e_loc)  # counts [E] per global expert
+  order, _, counts, _ = sort_slots(ids, active, n * e_loc)  # counts [E] per global expert
   send_sizes = counts.reshape(n, e_loc).sum(1).astype(jnp.int32)  # [n] rows to each device
   input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
   xs = x[order % t]  # [S, D] rows sorted by global expert
@@ -379,8 +376,7 @@ def ragged_exchange_dispatch(x, ids, weights, active, w, ep_axis):
     out, jnp.zeros_like(xs), recv_offsets, recv_sizes, back_offsets, send_sizes,
     axis_name=ep_axis,
   )  # fmt: skip
-  rows_of_slot = jnp.zeros(s, jnp.int32).at[order].set(jnp.arange(s, dtype=jnp.int32))
-  rows_of_slot = rows_of_slot.reshape(k, t).T  # [T, k] sorted row of each slot
+  rows_of_slot = to_slots(order, jnp.arange(s, dtype=jnp.int32), k)  # [T, k] sorted row
   return combine(weights, active, back[rows_of_slot], x.dtype), jnp.sum(per_expert)
 
 
