@@ -20,6 +20,7 @@ setup(
         "tokenizers>=0.21",
         "tensorboardX>=2.6",
         "safetensors>=0.4",
+        "jsonschema>=4.0",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
