@@ -49,7 +49,7 @@ def test_cached_decode_equals_full_forward(pattern):
   got = []
   for a, b in [(0, 8), (8, 12)] + [(t, t + 1) for t in range(12, L)]:
     logits, cache = forward(state, toks[:, a:b], pos[:, a:b], seg[:, a:b], cache)
-    assert int(cache.length) == b
+    assert (np.asarray(cache.length) == b).all()
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
   if "sparse" in pattern:  # sparse layers keep a ring of the window and of max_globals.
@@ -159,7 +159,9 @@ def test_full_layer_cache_overflow_raises():
   mixed, sparse = _cfg(("sparse", "full")), _cfg(("sparse",))
   cache = init_cache(mixed, 1, 6)
   kv_cache.check_room(mixed, cache, 6)  # exactly full is fine
-  with pytest.raises(ValueError, match=r"overflow: writing 7 token\(s\) at slots 0..6 .*max_len=6"):
+  with pytest.raises(
+    ValueError, match=r"overflow: row 0 writes 7 token\(s\) at slots 0..6 .*max_len=6"
+  ):
     kv_cache.check_room(mixed, cache, 7)  # concrete length: raises before anything runs
   kv_cache.check_room(sparse, init_cache(sparse, 1, 6), 50)  # sparse rings wrap by design
 
@@ -172,9 +174,9 @@ def test_full_layer_cache_overflow_raises():
     return nnx.merge(graphdef, state)(toks, cache=cache).cache
 
   cache = forward(state, toks, init_cache(cfg, 1, 6))  # slots 0..3 of 6
-  assert int(cache.length) == 4
+  assert (np.asarray(cache.length) == 4).all()
   with pytest.raises(
-    jax.errors.JaxRuntimeError, match=r"KV cache overflow: writing 4 token\(s\) at slots 4..7"
+    jax.errors.JaxRuntimeError, match=r"KV cache overflow: row 0 writes 4 token\(s\) at slots 4..7"
   ):
     jax.block_until_ready(forward(state, toks, cache))  # traced length: fails at run time
 
@@ -214,3 +216,85 @@ def test_decode_with_fewer_kv_heads_than_tensor_equals_full_forward():
   got = np.concatenate(got, 1)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
   np.testing.assert_array_equal(got.argmax(-1), np.asarray(want).argmax(-1))
+
+
+def _per_row_schedule(cfg, seqs, refill, mesh=None, width=5):
+  """Decodes rows of different lengths through one cache with per-row `num_tokens`.
+
+  Each row prefills in chunks of `width` (not a multiple of global_every=4, so chunks start
+  off the global grid), then decodes 1 token per call; a finished row sits out (0 tokens).
+  `refill` = (row, new sequence): when that row finishes it is reset and refilled while the
+  others keep going. Returns the logits each row's tokens got, per sequence, in order.
+  """
+  from qwen3_jax import sharding
+  from qwen3_jax.model import kv_cache
+
+  model = sharding.create_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)), mesh)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit(compiler_options=FAST)
+  def step(state, toks, num, cache, reset):
+    cache = kv_cache.reset(cache, reset)
+    out = nnx.merge(graphdef, state)(toks, cache=cache, num_tokens=num)
+    return out.logits, out.cache
+
+  b = len(seqs)
+  todo = [list(s) for s in seqs]  # sequences per row, the refill queued behind its row
+  todo[refill[0]] = [todo[refill[0]], list(refill[1])]
+  rows = [[s] if not isinstance(s[0], list) else s for s in todo]
+  pos, got = [0] * b, [[[] for _ in r] for r in rows]
+  cur = [0] * b
+  with sharding.use_mesh(mesh):
+    cache = init_cache(cfg, b, 32)
+    reset = np.zeros(b, bool)
+    while any(cur[r] < len(rows[r]) for r in range(b)):
+      w = width if any(pos[r] == 0 and cur[r] < len(rows[r]) for r in range(b)) else 1
+      toks, num = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
+      for r in range(b):
+        if cur[r] < len(rows[r]):
+          piece = rows[r][cur[r]][pos[r] : pos[r] + w]
+          toks[r, : len(piece)], num[r] = piece, len(piece)
+      logits, cache = step(state, jnp.asarray(toks), jnp.asarray(num), cache, jnp.asarray(reset))
+      reset[:] = False
+      for r in range(b):
+        if num[r]:
+          got[r][cur[r]].append(np.asarray(logits[r, : num[r]]))
+          pos[r] += int(num[r])
+          if pos[r] == len(rows[r][cur[r]]):
+            cur[r], pos[r] = cur[r] + 1, 0
+            reset[r] = cur[r] < len(rows[r])
+  # Reference: every sequence alone in a row of one uncached forward, right-padded with
+  # segment 0 (causal: padding after a document does not change its logits).
+  flat = [(r, i, seq) for r in range(b) for i, seq in enumerate(rows[r])]
+  n = max(len(seq) for _, _, seq in flat)
+  toks, seg = np.zeros((len(flat), n), np.int32), np.zeros((len(flat), n), np.int32)
+  for j, (_, _, seq) in enumerate(flat):
+    toks[j, : len(seq)], seg[j, : len(seq)] = seq, 1
+  want = jax.jit(
+    lambda s, t, g: nnx.merge(graphdef, s)(t, segment_ids=g).logits, compiler_options=FAST
+  )(state, jnp.asarray(toks), jnp.asarray(seg))
+  for j, (r, i, seq) in enumerate(flat):
+    np.testing.assert_allclose(np.concatenate(got[r][i]), want[j, : len(seq)], atol=3e-5, rtol=3e-5)
+  return cache
+
+
+@pytest.mark.parametrize(
+  "pattern,mesh",
+  [(("sparse",), None), (("sparse", "full"), None), (("sparse", "full"), "dx")],
+)
+def test_per_row_slots_equal_full_forward(pattern, mesh):
+  """Eight rows of 13, 6, 19, 9, 4, 16, 7 and 1 tokens share one cache, each at its own length: prefill in
+  unaligned 5-token chunks (row 1's second chunk carries 1 token, the others 5), then 1-token
+  steps in which finished rows carry 0 tokens; row 1 is reset and refilled with a 11-token
+  prompt while the others decode. Every row's logits equal its own full forward pass. MoE
+  (default dispatch) with sparse rings that wrap; also on a data=2 x expert=4 mesh."""
+  from qwen3_jax import sharding
+
+  cfg = _cfg(pattern).replace(moe=C.MoEConfig())
+  rng = np.random.default_rng(5)
+  lengths = [13, 6, 19, 9, 4, 16, 7, 1]
+  seqs = [rng.integers(1, cfg.vocab_size, n) for n in lengths]
+  refill = (1, rng.integers(1, cfg.vocab_size, 11))
+  m = sharding.make_mesh(C.MeshConfig(data=2, expert=4)) if mesh else None
+  cache = _per_row_schedule(cfg, seqs, refill, m)
+  np.testing.assert_array_equal(cache.length, [13, 11] + lengths[2:])

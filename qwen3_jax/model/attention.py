@@ -294,7 +294,7 @@ class Attention(nnx.Module):
           f"{k.shape[2]} under this mesh (num_key_value_heads={cfg.num_key_value_heads}, "
           "repeated when the tensor axis is larger): build it with init_cache under this mesh"
         )
-      ck, cv, c_meta = kv_cache.key_meta(cache, layout.start)
+      ck, cv, c_meta = kv_cache.key_meta(cache, layout.row_start)
       out_c, lse_c = dense_attention(q, ck, cv, q_meta, c_meta, w, m)
       out, _ = merge(out, lse, out_c, lse_c)
       cache = kv_cache.write(

@@ -76,7 +76,8 @@ class Layout:
     num_globals: Ng global slots per row (static; 0 without globals), see `global_slots`.
     every: g, global_every (0 = no globals).
     max_docs: D, documents a row of the chunk may hold (static, 1 <= D <= L).
-    start: [] int, slot of the chunk's first real token (0 without a KV cache).
+    start: [B] int32 (or a scalar for every row), slot of each row's first real token in the
+      chunk (the row's KV cache length; 0 without a cache).
     glob_start: [B] int, global tokens each row held before the chunk (0 without a cache).
     offset: [B, L] int32 document offset of each real token.
     count: [B, L] int32 newest global number of its document a real token sees (offset // g).
@@ -86,6 +87,8 @@ class Layout:
       unused slot (a row's globals come first, in causal order).
     glob_number: [B, Ng] the global's number j within its document.
     glob_valid: [B, Ng] bool, the slot holds a global.
+    num_tokens: [B] int32 tokens each row of the chunk carries: its first ones; the rest of
+      the row is not a token (no globals; a KV cache neither stores nor counts it).
   """
 
   num_real: int
@@ -101,18 +104,31 @@ class Layout:
   glob_offset: jax.Array
   glob_number: jax.Array
   glob_valid: jax.Array
+  num_tokens: jax.Array
 
   @property
-  def real_slots(self) -> jax.Array:  # [L]
-    return self.start + jnp.arange(self.num_real, dtype=jnp.int32)
+  def row_start(self) -> jax.Array:  # [B, 1] or [1, 1]
+    return jnp.reshape(jnp.asarray(self.start, jnp.int32), (-1, 1))
+
+  @property
+  def real_slots(self) -> jax.Array:  # [B, L] (or [1, L] for a scalar start)
+    return self.row_start + jnp.arange(self.num_real, dtype=jnp.int32)
 
   @property
   def glob_slots(self) -> jax.Array:  # [B, Ng] slot of the real token after each global
-    return self.start + self.glob_offset
+    return self.row_start + self.glob_offset
 
 
 def make_layout(
-  seg, every: int, max_docs: int = 0, *, start=0, prev_seg=None, prev_offset=None, prev_globals=0
+  seg,
+  every: int,
+  max_docs: int = 0,
+  *,
+  start=0,
+  prev_seg=None,
+  prev_offset=None,
+  prev_globals=0,
+  num_tokens=None,
 ) -> Layout:
   """The chunk's documents and the global slots of each row.
 
@@ -120,11 +136,12 @@ def make_layout(
     seg: [B, L] int segment ids of the chunk's real tokens (0 = padding, ids >= 0).
     every: g; 0 = no global tokens.
     max_docs: D, documents (pieces) a row of the chunk may hold; 0 = no cap (D = L).
-    start: [] slot of the chunk's first token (the KV cache length).
+    start: [B] (or []) slot of each row's first token (the KV cache lengths).
     prev_seg: [B] segment id of each row's token before the chunk (None or -1: none).
     prev_offset: [B] document offset the chunk's first token has if it continues that
       segment (None: 0).
     prev_globals: [B] global tokens each row already holds (the cache's ring position).
+    num_tokens: [B] tokens each row carries (None: all L); the rest count as padding here.
   Returns:
     A `Layout`. A row holding more than D documents would get wrong global slots:
     `check_documents(layout)` raises for it (the model runs it).
@@ -132,6 +149,11 @@ def make_layout(
   b, l = seg.shape
   seg = seg.astype(jnp.int32)
   idx = jnp.arange(l, dtype=jnp.int32)
+  if num_tokens is None:
+    num_tokens = jnp.full((b,), l, jnp.int32)
+  else:
+    num_tokens = jnp.asarray(num_tokens, jnp.int32)
+    seg = jnp.where(idx[None, :] < num_tokens[:, None], seg, 0)
   prev_seg = jnp.full((b,), -1, jnp.int32) if prev_seg is None else prev_seg
   prev_offset = jnp.zeros((b,), jnp.int32) if prev_offset is None else prev_offset
   before = jnp.concatenate([prev_seg[:, None].astype(jnp.int32), seg[:, :-1]], axis=1)
@@ -166,6 +188,7 @@ def make_layout(
     glob_offset=goff,
     glob_number=jnp.where(valid, gnum, -1),
     glob_valid=valid,
+    num_tokens=num_tokens,
   )
 
 
@@ -202,7 +225,7 @@ def check_documents(layout: Layout) -> None:
 
 
 def chunk_layout(
-  cfg: ModelConfig, seg: jax.Array, *, one_document: bool, cache: Any = None
+  cfg: ModelConfig, seg: jax.Array, *, one_document: bool, cache: Any = None, num_tokens=None
 ) -> Layout:
   """The `Layout` of one chunk of the model's input, checked (`check_documents`).
 
@@ -211,11 +234,12 @@ def chunk_layout(
     one_document: the caller gave no segment ids (D = 1; else `max_docs_per_row`).
     cache: the model's `kv_cache.KVCache` or None; its length and each row's last segment,
       document offset and global count continue the rows' documents into the chunk.
+    num_tokens: [B] tokens each row carries (None: all), see `Layout.num_tokens`.
   """
   g = global_every(cfg)
   max_docs = 1 if one_document else cfg.attention.max_docs_per_row
   if cache is None:
-    layout = make_layout(seg, g, max_docs)
+    layout = make_layout(seg, g, max_docs, num_tokens=num_tokens)
   else:
     layout = make_layout(
       seg,
@@ -225,6 +249,7 @@ def chunk_layout(
       prev_seg=cache.seg,
       prev_offset=cache.offset,
       prev_globals=cache.globals,
+      num_tokens=num_tokens,
     )
   check_documents(layout)
   return layout

@@ -17,9 +17,14 @@ window (S = min(w, max_len)) and of its global cap (Gs = min(M, ceil(max_len / g
 globals when M = 0). A ring keeps a row's newest globals, and a query needs only the newest of
 its own document (the row's last one), of which there are at most ceil(max_len / g): so these
 capacities hold for rows with several documents too. Which slot a real entry holds is not
-stored: it follows from `KVCache.length` (the number of real tokens written so far), because
-every chunk writes consecutive slots starting at `length`; globals are placed per document, so
-rows differ and their slots and numbers are stored.
+stored: it follows from the row's `KVCache.length` (the real tokens it has written so far),
+because every chunk writes a row's tokens to consecutive slots starting at its length; globals
+are placed per document, so rows differ and their slots and numbers are stored.
+
+Per-row slots. Rows are independent: each has its own length, and a chunk may carry a
+different number of tokens per row (`num_tokens` of `Qwen3.__call__`; the rest of the row's
+chunk is ignored: not written, not counted). `reset` empties chosen rows, which then take a
+new prompt while the others keep decoding (continuous batching).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen3_jax.config import ModelConfig, canonical_dtype
 from qwen3_jax.model.global_tokens import Layout, global_every
@@ -42,8 +48,7 @@ class KVCache:
   """Decoding state of a Qwen3 model; pass it to `Qwen3.__call__(..., cache=cache)`.
 
   Attributes:
-    length: [] int32, real tokens processed so far = slot of the next token (same for every
-      row; left-pad prompts with segment id 0 to align rows).
+    length: [B] int32, real tokens each row has processed = slot of its next token.
     layers: one dict per sub-layer of the scanned `LayerGroup` (`period.py`), leaves with a
       leading [R] (repeats) axis; see the module docstring for the keys.
     seg: [B] int32 segment id of each row's last token (-1 before the first chunk).
@@ -93,7 +98,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
     for j in range(period)
   )
   return KVCache(
-    length=jnp.zeros((), jnp.int32),
+    length=jnp.zeros((batch,), jnp.int32),
     layers=layers,
     seg=jnp.full((batch,), -1, jnp.int32),
     offset=jnp.zeros((batch,), jnp.int32),
@@ -101,18 +106,42 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   )
 
 
-def advance(cache: KVCache, layers, layout: Layout, seg) -> KVCache:
+def advance(cache: KVCache, layers, layout: Layout, seg, num_tokens) -> KVCache:
   """The cache after a chunk: its layers, and each row's length / document / global state.
 
   Args:
-    layers: the layers' updated dicts; layout: the chunk's `Layout`; seg: [B, L] its ids.
+    layers: the layers' updated dicts; layout: the chunk's `Layout`; seg: [B, L] its ids;
+    num_tokens: [B] tokens of each row the chunk carries (its first ones; 0 = row untouched).
   """
+  last = jnp.maximum(num_tokens - 1, 0)[:, None]  # [B, 1] each row's last token in the chunk
+  took = num_tokens > 0
+  at_last = lambda x: jnp.take_along_axis(x, last, axis=1)[:, 0]  # noqa: E731
   return KVCache(
-    length=cache.length + layout.num_real,
+    length=cache.length + num_tokens,
     layers=layers,
-    seg=seg[:, -1].astype(jnp.int32),
-    offset=layout.offset[:, -1] + 1,
-    globals=cache.globals + layout.seen[:, -1],
+    seg=jnp.where(took, at_last(seg.astype(jnp.int32)), cache.seg),
+    offset=jnp.where(took, at_last(layout.offset) + 1, cache.offset),
+    globals=cache.globals + jnp.where(took, at_last(layout.seen), 0),
+  )
+
+
+def reset(cache: KVCache, rows) -> KVCache:
+  """Empties the rows where `rows` [B] bool is true (their next chunk starts at slot 0 of a
+  new document); the other rows are untouched. Stale keys need no clearing: an entry is valid
+  only below its row's length (real tokens) or with a stored slot (globals, cleared here)."""
+  rows = jnp.asarray(rows, bool)
+
+  def clear(name, x):  # x [R, B, ...]
+    if name not in ("gslot", "gseg"):
+      return x
+    return jnp.where(rows.reshape((1, -1) + (1,) * (x.ndim - 2)), -1, x)
+
+  return KVCache(
+    length=jnp.where(rows, 0, cache.length),
+    layers=tuple({n: clear(n, x) for n, x in layer.items()} for layer in cache.layers),
+    seg=jnp.where(rows, -1, cache.seg),
+    offset=jnp.where(rows, 0, cache.offset),
+    globals=jnp.where(rows, 0, cache.globals),
   )
 
 
@@ -156,12 +185,16 @@ def _ring_index(count, cap: int) -> jax.Array:
 def key_meta(layer: dict, length):
   """A layer's cached keys, values and their metadata for `sparse_attention.visible`.
 
+  Args:
+    layer: one sub-layer's cache dict (without the [R] axis); length: [B] each row's length.
+
   Returns:
     (k [B, S + Gs, K, Dh], v, (is_global [S + Gs], slot, number, seg, valid: [B, S + Gs])).
   """
   k, v, seg = layer["k"], layer["v"], layer["seg"]
   b = seg.shape[0]
-  t = jnp.broadcast_to(_ring_index(length, k.shape[1]), (b, k.shape[1]))  # [B, S]
+  length = jnp.broadcast_to(jnp.asarray(length, jnp.int32).reshape(-1, 1), (b, 1))
+  t = _ring_index(length, k.shape[1])  # [B, S]
   is_g = jnp.zeros((k.shape[1],), bool)
   slot, number, valid = t, jnp.zeros_like(t), t >= 0
   if "gk" in layer:
@@ -181,20 +214,24 @@ def _set_rows(ring, idx, new):
 
 
 def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
-  """Writes a chunk's K/V into the rings; only the newest S (Gs) items of the chunk are kept.
+  """Writes a chunk's K/V into the rings; only the newest S (Gs) items of each row are kept.
 
   Args:
     k, v: [B, L, K, Dh]; seg: [B, L]; kg, vg: [B, Ng, K, Dh]; gseg: [B, Ng] (the layout's
       per-row global slots; a row's n-th global of the chunk is its glob_start + n-th).
+    Only each row's first `layout.num_tokens` tokens are written (the rest of the row's
+    chunk is not a token and has no globals).
   """
   out = dict(layer)
+  b, l = seg.shape
   cap = layer["k"].shape[1]
-  t = layout.real_slots
-  end = layout.start + layout.num_real
-  idx = jnp.where(t >= end - cap, t % cap, cap)  # cap = out of range -> dropped
-  out["k"] = layer["k"].at[:, idx].set(k.astype(layer["k"].dtype), mode="drop")
-  out["v"] = layer["v"].at[:, idx].set(v.astype(layer["v"].dtype), mode="drop")
-  out["seg"] = layer["seg"].at[:, idx].set(seg.astype(jnp.int32), mode="drop")
+  t = jnp.broadcast_to(layout.real_slots, (b, l))  # [B, L]
+  n = layout.num_tokens[:, None]  # [B, 1]
+  keep = (jnp.arange(l)[None, :] < n) & (t >= layout.row_start + n - cap)
+  idx = jnp.where(keep, t % cap, cap)  # cap = out of range -> dropped
+  out["k"] = _set_rows(layer["k"], idx, k)
+  out["v"] = _set_rows(layer["v"], idx, v)
+  out["seg"] = _set_rows(layer["seg"], idx, seg.astype(jnp.int32))
   if "gk" in layer and layout.num_globals:
     gcap = layer["gk"].shape[1]
     n = jnp.arange(layout.num_globals, dtype=jnp.int32)[None, :]  # [1, Ng]
@@ -212,8 +249,9 @@ def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
   return out
 
 
-def check_room(cfg: ModelConfig, cache: KVCache, num_new: int) -> None:
-  """Raises if `num_new` more tokens would overflow a full layer's cache (S = max_len slots).
+def check_room(cfg: ModelConfig, cache: KVCache, num_new) -> None:
+  """Raises if `num_new` more tokens ([B] per row, or one int for all) would overflow a full
+  layer's cache (S = max_len slots) in some row.
 
   A full layer's ring would otherwise wrap and silently turn it into a sliding window; sparse
   layers' rings are meant to wrap and are not checked. With a concrete `cache.length` (eager
@@ -226,16 +264,19 @@ def check_room(cfg: ModelConfig, cache: KVCache, num_new: int) -> None:
     return
   max_len = cache.layers[full[0]]["k"].shape[2]  # [R, B, S, K, Dh]
 
-  def fail(length):
-    first = int(length)
+  def fail(length, new):
+    length, new = np.broadcast_arrays(np.asarray(length), np.asarray(new))
+    r = int(np.argmax(length + new))
+    first, n = int(length[r]), int(new[r])
     raise ValueError(
-      f"KV cache overflow: writing {num_new} token(s) at slots {first}..{first + num_new - 1} "
+      f"KV cache overflow: row {r} writes {n} token(s) at slots {first}..{first + n - 1} "
       f"but full-attention layers hold max_len={max_len} tokens; size init_cache(max_len=...) "
       "for prompt + generated tokens"
     )
 
-  if isinstance(cache.length, jax.core.Tracer):
-    overflow = cache.length + num_new > max_len
-    jax.lax.cond(overflow, lambda: jax.debug.callback(fail, cache.length), lambda: None)
-  elif int(cache.length) + num_new > max_len:
-    fail(cache.length)
+  overflow = jnp.any(cache.length + num_new > max_len)
+  if isinstance(overflow, jax.core.Tracer):
+    args = (cache.length, jnp.asarray(num_new))
+    jax.lax.cond(overflow, lambda: jax.debug.callback(fail, *args), lambda: None)
+  elif bool(overflow):
+    fail(cache.length, num_new)

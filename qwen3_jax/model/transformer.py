@@ -76,6 +76,7 @@ class Qwen3(nnx.Module):
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: KVCache | None = None,
+    num_tokens: jax.Array | None = None,
     return_hidden: bool = False,
   ) -> ModelOutput:
     """tokens [B, L] int -> ModelOutput(logits [B, L, V] float32, aux, cache).
@@ -84,11 +85,15 @@ class Qwen3(nnx.Module):
     segment when `segment_ids` are given, continuing the cached document with a cache.
     segment_ids: [B, L] ints, tokens attend only within their segment, 0 = padding; a
     document is a run of one nonzero id (see `global_tokens.py`).
-    cache: a `KVCache` from `kv_cache.init_cache`: the chunk's tokens occupy slots
-    cache.length .. cache.length + L - 1, attend to everything cached before them, and the
-    returned `ModelOutput.cache` holds them too (prefill: the prompt from an empty cache;
-    decode: one token per call). Chunks may start and end anywhere: cached decoding in any
-    chunking equals one full forward pass.
+    cache: a `KVCache` from `kv_cache.init_cache`: row r's tokens occupy slots
+    cache.length[r] .. cache.length[r] + L - 1, attend to everything the row cached before
+    them, and the returned `ModelOutput.cache` holds them too (prefill: the prompt from an
+    empty cache; decode: one token per call). Chunks may start and end anywhere: cached
+    decoding in any chunking equals one full forward pass.
+    num_tokens: [B] ints, with a cache: row r carries only its first num_tokens[r] tokens
+    (0 = the row sits this chunk out); the rest of its chunk is ignored: not written to the
+    cache, not counted in its length, logits undefined. Rows of one batch can so prefill
+    prompts of different lengths, or decode while others prefill. None: all L.
     return_hidden: give `hidden` [B, L, D] (after the final norm, compute dtype) and no
     logits; `linear(hidden, self.head_weight())[..., :V]` are the logits (before the float32
     cast; the head has Vp = `cfg.padded_vocab_size` columns).
@@ -101,10 +106,15 @@ class Qwen3(nnx.Module):
     cfg = self.cfg
     tokens = constrain(tokens, ("batch", "seq"))
     b, l = tokens.shape
+    if num_tokens is not None and cache is None:
+      raise ValueError("num_tokens needs a KV cache (it says which tokens the cache takes)")
     if cache is not None:
-      kv_cache.check_room(cfg, cache, l)
+      kv_cache.check_room(cfg, cache, l if num_tokens is None else num_tokens)
     seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    layout = chunk_layout(cfg, seg, one_document=segment_ids is None, cache=cache)
+    layout = chunk_layout(
+      cfg, seg, one_document=segment_ids is None, cache=cache, num_tokens=num_tokens
+    )
+    seg = jnp.where(jnp.arange(l)[None, :] < layout.num_tokens[:, None], seg, 0)
     if positions is None:
       positions = layout.offset
     real_seg = seg  # [B, L]
@@ -115,7 +125,7 @@ class Qwen3(nnx.Module):
       self.layers, cfg, x, positions, seg, layout, None if cache is None else cache.layers
     )
     if cache is not None:
-      cache = kv_cache.advance(cache, layers, layout, real_seg)
+      cache = kv_cache.advance(cache, layers, layout, real_seg, layout.num_tokens)
     x = self.norm(x[:, :l])
     if return_hidden:
       x = constrain(x, ("batch", "seq", None))
