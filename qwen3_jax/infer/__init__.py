@@ -1,0 +1,1 @@
+"""Inference: tool registry and executor, example tools."""
