@@ -1,1 +1,1 @@
-"""Inference: tool registry and executor, example tools."""
+"""Generation: the engine, sampling, streaming text, the tool registry and the tool loop."""
