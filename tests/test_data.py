@@ -27,7 +27,7 @@ def test_tokenizer_special_tokens_and_roundtrip(tok, tmp_path):
   assert tok.decode(enc, skip_special_tokens=False) == text  # byte-level: lossless
   tok.save(str(tmp_path / "tokenizer.json"))
   assert T.load_tokenizer(str(tmp_path)).get_vocab() == tok.get_vocab()
-  with pytest.raises(ValueError, match="at least 263"):
+  with pytest.raises(ValueError, match="at least 265"):
     T.train_tokenizer(["abc"], 100)
 
 
