@@ -160,7 +160,9 @@ def test_jsonl_chat_loss_only_on_assistant(tok, tmp_path):
   trained = tok.decode(
     [int(i) for i, m in zip(ids, loss, strict=True) if m], skip_special_tokens=False
   )
-  assert trained == "yo<|im_end|><|endoftext|>plain<|endoftext|>"
+  # Qwen3's template gives a final reply without reasoning an empty think block.
+  think = "<think>\n\n</think>\n\n"
+  assert trained == f"{think}yo<|im_end|><|endoftext|>plain<|endoftext|>"
 
 
 def test_bad_data_sources(tmp_path):
