@@ -51,6 +51,7 @@ def main(argv):
 
   from configs.common import to_train_config
   from qwen3_jax.checkpoint import load_params
+  from qwen3_jax.data import chat
   from qwen3_jax.train.loop import train
   from qwen3_jax.train.sample import greedy_generate
 
@@ -59,7 +60,8 @@ def main(argv):
   if cfg.sample_tokens and jax.process_index() == 0 and jax.process_count() == 1:
     tok = summary["tokenizer"]
     model, _ = load_params(f.workdir)  # newest checkpoint, on one device
-    prompts = ("def main(", "<|im_start|>user\nWhat is 12 + 7 * 3?<|im_end|>\n")
+    question = [{"role": "user", "content": "What is 12 + 7 * 3?"}]
+    prompts = ("def main(", chat.render(question, add_generation_prompt=True))
     ids = [tok.encode(p, add_special_tokens=False).ids for p in prompts]
     for prompt, out in zip(prompts, greedy_generate(model, ids, cfg.sample_tokens), strict=True):
       print(f"sample: {prompt!r} -> {tok.decode(out, skip_special_tokens=False)!r}")

@@ -2,8 +2,9 @@
 
 Two parts, interleaved deterministically:
   * real text: the Python standard library's own source files (code, comments, docstrings);
-  * generated reasoning tasks (arithmetic, countdown, string reversal, parity) written as ChatML
-    transcripts with a `<think>` block, so a pretrained model has seen the chat format.
+  * generated reasoning tasks (arithmetic, countdown, string reversal, parity) written as Qwen3
+    chat transcripts (`chat.render`) with a `<think>` block, so a pretrained model has seen the
+    chat format it will be fine-tuned and prompted in.
 """
 
 from __future__ import annotations
@@ -13,20 +14,7 @@ import os
 import random
 import sysconfig
 
-from qwen3_jax.data.tokenizer import END_THINK, IM_END, IM_START, THINK
-
-
-def render_chatml(messages: list[dict]) -> list[tuple[str, bool]]:
-  """ChatML pieces `(text, is_assistant_content)`: `<|im_start|>role\\n...<|im_end|>\\n`."""
-  out = []
-  for m in messages:
-    if "role" not in m or "content" not in m:
-      raise ValueError(f"chat message needs 'role' and 'content', got keys {sorted(m)}")
-    is_assistant = m["role"] == "assistant"
-    out.append((f"{IM_START}{m['role']}\n", False))
-    out.append((f"{m['content']}{IM_END}", is_assistant))  # the model learns to end its turn
-    out.append(("\n", False))
-  return out
+from qwen3_jax.data import chat
 
 
 def stdlib_documents(max_bytes: int) -> list[str]:
@@ -98,7 +86,7 @@ TASKS = {"arithmetic": _arithmetic, "countdown": _countdown, "reverse": _reverse
 
 
 def reasoning_transcripts(n: int, seed: int) -> list[str]:
-  """`n` ChatML transcripts of generated tasks, with the reasoning in a <think> block."""
+  """`n` chat transcripts of generated tasks, with the reasoning in a <think> block."""
   rng = random.Random(seed)
   names = sorted(TASKS)
   out = []
@@ -106,9 +94,9 @@ def reasoning_transcripts(n: int, seed: int) -> list[str]:
     q, think, answer = TASKS[names[i % len(names)]](rng)
     msgs = [
       {"role": "user", "content": q},
-      {"role": "assistant", "content": f"{THINK}\n{think}\n{END_THINK}\n\n{answer}"},
+      {"role": "assistant", "reasoning_content": think, "content": answer},
     ]
-    out.append("".join(text for text, _ in render_chatml(msgs)))
+    out.append(chat.render(msgs))
   return out
 
 

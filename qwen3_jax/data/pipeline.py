@@ -40,7 +40,8 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from qwen3_jax.data.corpus import embedded_corpus, render_chatml
+from qwen3_jax.data import chat
+from qwen3_jax.data.corpus import embedded_corpus
 from qwen3_jax.data.tokenizer import EOS, check_special_tokens
 
 LOSS_ON = ("all", "assistant")
@@ -108,7 +109,10 @@ def _read_jsonl(path: str, cfg: DataConfig) -> list[list[tuple[str, bool]]]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
       if "messages" in rec:
-        pieces = render_chatml(rec["messages"])
+        try:
+          pieces = chat.pieces(rec["messages"], rec.get("tools"))
+        except ValueError as e:
+          raise ValueError(f"{path}:{n}: bad chat record ({e})") from None
         docs.append([(t, a or cfg.loss_on == "all") for t, a in pieces])
       elif cfg.text_key in rec:
         docs.append([(str(rec[cfg.text_key]), True)])
@@ -121,20 +125,18 @@ def _read_jsonl(path: str, cfg: DataConfig) -> list[list[tuple[str, bool]]]:
 
 
 def tokenize(docs: list[list[tuple[str, bool]]], tok: Tokenizer) -> tuple[np.ndarray, ...]:
-  """Concatenated (ids, loss flags, document index) streams, an EOS after each document."""
+  """Concatenated (ids, loss flags, document index) streams, an EOS after each document.
+
+  Each document is tokenized whole (`chat.encode_pieces`), so a chat trains on the very ids
+  inference will see for the same text; its pieces' flags are laid on those tokens.
+  """
   check_special_tokens(tok)
   eos = tok.token_to_id(EOS)
-  flat = [(d, t, a) for d, doc in enumerate(docs) for t, a in doc]
-  encs = tok.encode_batch([t for _, t, _ in flat], add_special_tokens=False)
   ids, loss, doc = [], [], []
-  for (d, _, a), enc, nxt in zip(flat, encs, flat[1:] + [(-1, "", False)], strict=True):
-    ids.append(np.asarray(enc.ids, np.int32))
-    loss.append(np.full(len(enc.ids), a, bool))
-    doc.append(np.full(len(enc.ids), d, np.int32))
-    if nxt[0] != d:  # end of document
-      ids.append(np.asarray([eos], np.int32))
-      loss.append(np.asarray([True]))
-      doc.append(np.asarray([d], np.int32))
+  for d, (d_ids, d_loss) in enumerate(chat.encode_pieces(tok, docs)):
+    ids.append(np.asarray(d_ids + [eos], np.int32))
+    loss.append(np.asarray(d_loss + [True], bool))
+    doc.append(np.full(len(d_ids) + 1, d, np.int32))
   return np.concatenate(ids), np.concatenate(loss), np.concatenate(doc)
 
 

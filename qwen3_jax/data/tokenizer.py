@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizer with Qwen3's special tokens (Hugging Face `tokenizers`).
 
 `train_tokenizer` builds one from text; `load_tokenizer` reads any `tokenizer.json` (a real
-Qwen3 one included) and checks that the special tokens the chat format needs are there.
+Qwen3 one included) and checks that the special tokens the chat format needs are there
+(adding the `<tool_response>` pair to one that predates them).
 """
 
 from __future__ import annotations
@@ -15,12 +16,25 @@ EOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
 TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
-SPECIAL_TOKENS = (EOS, IM_START, IM_END, THINK, END_THINK, TOOL_CALL, END_TOOL_CALL)
+TOOL_RESPONSE, END_TOOL_RESPONSE = "<tool_response>", "</tool_response>"
+# Ids 0..8 in this order in a tokenizer trained here; the tool-response pair came last, so the
+# first seven keep the ids they had before it.
+SPECIAL_TOKENS = (
+  EOS,
+  IM_START,
+  IM_END,
+  THINK,
+  END_THINK,
+  TOOL_CALL,
+  END_TOOL_CALL,
+  TOOL_RESPONSE,
+  END_TOOL_RESPONSE,
+)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-  """Trains a byte-level BPE with `SPECIAL_TOKENS` as ids 0..6; deterministic for given texts."""
+  """Trains a byte-level BPE with `SPECIAL_TOKENS` as ids 0..8; deterministic for given texts."""
   if vocab_size < MIN_VOCAB:
     raise ValueError(
       f"tokenizer vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
@@ -50,11 +64,19 @@ def check_special_tokens(tok: Tokenizer, source: str = "tokenizer") -> None:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads a Hugging Face `tokenizer.json` (file, or a directory holding one)."""
+  """Loads a Hugging Face `tokenizer.json` (file, or a directory holding one).
+
+  Qwen3's tokenizer has `<tool_response>` / `</tool_response>` as single tokens; one without
+  them (trained here before they were added) gets them as special tokens with the next free
+  ids. The other special tokens must be there already.
+  """
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No tokenizer file at {path}")
   tok = Tokenizer.from_file(path)
+  missing = [t for t in (TOOL_RESPONSE, END_TOOL_RESPONSE) if tok.token_to_id(t) is None]
+  if missing:
+    tok.add_special_tokens(missing)
   check_special_tokens(tok, path)
   return tok
