@@ -283,10 +283,10 @@ def _per_row_schedule(cfg, seqs, refill, mesh=None, width=5):
   [(("sparse",), None), (("sparse", "full"), None), (("sparse", "full"), "dx")],
 )
 def test_per_row_slots_equal_full_forward(pattern, mesh):
-  """Eight rows of 13, 6, 19, 9, 4, 16, 7 and 1 tokens share one cache, each at its own length: prefill in
-  unaligned 5-token chunks (row 1's second chunk carries 1 token, the others 5), then 1-token
-  steps in which finished rows carry 0 tokens; row 1 is reset and refilled with a 11-token
-  prompt while the others decode. Every row's logits equal its own full forward pass. MoE
+  """Eight rows of 13, 6, 19, 9, 4, 16, 7 and 1 tokens share one cache, each at its own
+  length: prefill in unaligned 5-token chunks (row 1's second chunk carries 1 token, the others
+  5), then 1-token steps in which finished rows carry 0 tokens; row 1 is reset and refilled
+  with an 11-token prompt while the others decode. Every row's logits equal its own full forward pass. MoE
   (default dispatch) with sparse rings that wrap; also on a data=2 x expert=4 mesh."""
   from qwen3_jax import sharding
 
