@@ -1,0 +1,1 @@
+"""Inference: the generation engine and what it calls each decode step (sampling)."""
