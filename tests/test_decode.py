@@ -286,8 +286,9 @@ def test_per_row_slots_equal_full_forward(pattern, mesh):
   """Eight rows of 13, 6, 19, 9, 4, 16, 7 and 1 tokens share one cache, each at its own
   length: prefill in unaligned 5-token chunks (row 1's second chunk carries 1 token, the others
   5), then 1-token steps in which finished rows carry 0 tokens; row 1 is reset and refilled
-  with an 11-token prompt while the others decode. Every row's logits equal its own full forward pass. MoE
-  (default dispatch) with sparse rings that wrap; also on a data=2 x expert=4 mesh."""
+  with an 11-token prompt while the others decode. Every row's logits equal its own full
+  forward pass. MoE (default dispatch) with sparse rings that wrap; also on a data=2 x
+  expert=4 mesh."""
   from qwen3_jax import sharding
 
   cfg = _cfg(pattern).replace(moe=C.MoEConfig())
