@@ -52,8 +52,9 @@ def main(argv):
   from configs.common import to_train_config
   from qwen3_jax.checkpoint import load_params
   from qwen3_jax.data import chat
+  from qwen3_jax.infer.engine import Engine, Request
+  from qwen3_jax.infer.sampling import SamplingParams
   from qwen3_jax.train.loop import train
-  from qwen3_jax.train.sample import greedy_generate
 
   cfg = to_train_config(f.config)
   summary = train(cfg, f.workdir)
@@ -62,9 +63,10 @@ def main(argv):
     model, _ = load_params(f.workdir)  # newest checkpoint, on one device
     question = [{"role": "user", "content": "What is 12 + 7 * 3?"}]
     prompts = ("def main(", chat.render(question, add_generation_prompt=True))
-    ids = [tok.encode(p, add_special_tokens=False).ids for p in prompts]
-    for prompt, out in zip(prompts, greedy_generate(model, ids, cfg.sample_tokens), strict=True):
-      print(f"sample: {prompt!r} -> {tok.decode(out, skip_special_tokens=False)!r}")
+    greedy = SamplingParams.greedy()
+    reqs = [Request(p, sampling=greedy, max_new_tokens=cfg.sample_tokens) for p in prompts]
+    for prompt, [out] in zip(prompts, Engine(model, tok).generate(reqs), strict=True):
+      print(f"sample: {prompt!r} -> {out.text!r}")
 
 
 if __name__ == "__main__":

@@ -285,3 +285,19 @@ def test_greedy_equals_transformers_generate(tok, tmp_path):
         pad_token_id=0,
       )[0, len(p) :].tolist()
     assert c.token_ids == want
+
+
+def test_padded_vocab_ids_are_never_generated(tok):
+  """Vocab 130 is stored padded to 256: with every real logit 0 and padding columns that
+  would win, greedy and sampled rows only ever emit real ids (greedy: id 0)."""
+  cfg = C.tiny(num_experts=0, num_hidden_layers=1, vocab_size=130)
+  model = Qwen3(cfg, rngs=nnx.Rngs(0))
+  pad = 100.0 * jax.random.normal(jax.random.key(0), (cfg.hidden_size, 256 - 130))
+  model.lm_head[...] = jnp.zeros((cfg.hidden_size, 256)).at[:, 130:].set(pad)
+  eng = Engine(model, tok, steps_per_call=4)
+  eng.eos_ids = ()
+  reqs = [Request([1, 2, 3], sampling=GREEDY, max_new_tokens=3)]
+  reqs.append(Request([1, 2], sampling=SamplingParams(temperature=1.0), max_new_tokens=20))
+  greedy, sampled = eng.generate(reqs)
+  assert greedy[0].token_ids == [0, 0, 0]
+  assert max(sampled[0].token_ids) < 130

@@ -13,7 +13,7 @@ from flax import nnx
 from configs import common, pretrain
 from qwen3_jax import config as C
 from qwen3_jax import sharding as shd
-from qwen3_jax.train import resume, sample
+from qwen3_jax.train import resume
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 from qwen3_jax.train.optimizer import decay_mask, schedule
 from qwen3_jax.train.step import make_program
@@ -156,30 +156,3 @@ def test_batch_not_divisible_by_mesh_fails_fast(mesh8):
   cfg = TrainConfig(num_steps=1, batch_size=12, seq_len=8, model=_model())
   with pytest.raises(ValueError, match="batch size 12 is not divisible"):
     make_program(cfg, mesh8)
-
-
-def test_greedy_generate_matches_step_by_step_argmax():
-  from qwen3_jax.model import Qwen3
-
-  model = Qwen3(C.tiny(moe=C.MoEConfig(strategy="dense")), rngs=nnx.Rngs(5))
-  prompts = [[1, 2, 3, 4, 5], [7, 8]]
-  got = sample.greedy_generate(model, prompts, 3)
-  for prompt, out in zip(prompts, got, strict=True):
-    # Reference: one causal forward of the unpadded prompt + continuation (no segment ids);
-    # every generated token must be the argmax at the position before it.
-    seq = jnp.asarray([prompt + out[:-1]])
-    argmax = np.asarray(jnp.argmax(model(seq).logits[0], -1))
-    assert out == argmax[len(prompt) - 1 :].tolist()
-
-
-def test_greedy_generate_never_picks_a_padded_id():
-  """Vocab 130 is stored padded to 256: with every real logit 0 and padding columns that
-  would win, the model's [.., V] logits still make greedy decoding pick id 0."""
-  from qwen3_jax.model import Qwen3
-
-  cfg = C.tiny(num_experts=0, num_hidden_layers=1, vocab_size=130)
-  model = Qwen3(cfg, rngs=nnx.Rngs(0))
-  pad = 100.0 * jax.random.normal(jax.random.key(0), (cfg.hidden_size, 256 - 130))
-  model.lm_head[...] = jnp.zeros((cfg.hidden_size, 256)).at[:, 130:].set(pad)
-  assert model(jnp.asarray([[1, 2]])).logits.shape == (1, 2, 130)
-  assert sample.greedy_generate(model, [[1, 2, 3]], 2) == [[0, 0]]
