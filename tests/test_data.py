@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from qwen3_jax.data import corpus, pipeline
+from qwen3_jax.data import corpus, pipeline, tasks
 from qwen3_jax.data import tokenizer as T
 
 
@@ -199,22 +199,13 @@ def test_batches_seeded_epochs_process_shards_and_state():
 
 
 def test_reasoning_tasks_are_correct():
-  for text in corpus.reasoning_transcripts(40, seed=3):
+  texts = corpus.reasoning_transcripts(40, seed=3)
+  for task, text in zip(corpus.reasoning_tasks(40, seed=3), texts, strict=True):
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n")
-    q = re.search(r"user\n(.*?)<\|im_end\|>", text).group(1)
-    answer = text.split("</think>\n\n")[1].split("<|im_end|>")[0]
-    if m := re.match(r"What is (\d+) \+ (\d+) \* (\d+)\?", q):
-      a, b, c = map(int, m.groups())
-      assert int(answer) == a + b * c
-    elif m := re.match(r"Using the numbers \[(.*)\] .* reach (\d+)\.", q):
-      expr, target = answer.split(" = ")
-      assert eval(expr) == int(target) == int(m.group(2))  # noqa: S307 - our own arithmetic
-      assert sorted(map(int, re.findall(r"\d+", expr))) == sorted(map(int, m.group(1).split(",")))
-    elif m := re.match(r"Reverse the string '(\w+)'", q):
-      assert answer == m.group(1)[::-1]
-    else:
-      bits = re.search(r"in (\d+) even", q).group(1)
-      assert answer == ("even" if bits.count("1") % 2 == 0 else "odd")
+    assert re.search(r"user\n(.*?)<\|im_end\|>", text, re.S).group(1) == task.prompt
+    reply = text.split("<|im_start|>assistant\n")[1]
+    assert "<think>" in reply and tasks.reward(task, reply) == 1.0
+  assert {t.family for t in corpus.reasoning_tasks(40, seed=3)} == set(tasks.reasoning_families)
 
 
 def test_embedded_corpus_has_code_and_chats():
