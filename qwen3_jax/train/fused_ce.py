@@ -12,6 +12,13 @@ VJP's backward then only scales the saved (dh, dhead) by the incoming cotangent:
 in all (the unfused autodiff recomputes nothing either, but it writes and reads [T, V] float32
 logits, softmax and cotangent in memory, which costs more than the GEMMs' arithmetic on CPU).
 Without differentiation (eval, forward-only) the primal runs: the same chunks, no gradient.
+With `temperature` T every logit is divided by T first (the loss of softmax(logits / T)), and
+dlogits above gets the factor 1 / T.
+
+`token_logprobs(hidden, head, targets)` gives the per-token log-probabilities
+log softmax(logits / T)[target] ([B, L], what RL's importance ratios need) and entropies with
+the same chunked pass; its gradient for a per-token cotangent g is the fused CE's with
+weights -g (a second chunked pass in the backward, four GEMMs in all).
 
 The head may carry vocab padding (`Qwen3.head_weight()` is [D, Vp]): columns from
 `vocab_size` on get the logit NEG_INF, so they add nothing to the log-sum-exp, never count as
@@ -52,6 +59,7 @@ def fused_cross_entropy(
   z_loss: float = 0.0,
   chunk_size: int = CHUNK_SIZE,
   vocab_size: int | None = None,
+  temperature: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted next-token cross-entropy (+ z-loss) straight from the final hidden states.
 
@@ -69,6 +77,8 @@ def fused_cross_entropy(
       weight 0.
     vocab_size: V, the real vocabulary: head columns V..Vp-1 are padding, masked out. None:
       every column is real (V = Vp).
+    temperature: T > 0 (a Python float, compiled in): every term is of the logits / T, e.g.
+      ce = -log softmax(logits / T)[target].
 
   Returns:
     (loss, metrics). loss: [] float32 = sum(weights * (ce + z_loss * lse^2)), differentiable
@@ -78,41 +88,93 @@ def fused_cross_entropy(
     (argmax would pick the first of the tied). The metrics carry NO gradient: a cotangent
     flowing into them is ignored (take the gradient of `loss`).
   """
-  if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
+  vocab, temperature = _check_common(
+    "fused_cross_entropy", hidden, head, targets, chunk_size, vocab_size, temperature
+  )
+  if weights.shape != hidden.shape[:2]:
     raise ValueError(
-      f"fused_cross_entropy: hidden must be [B, L, D] and head [D, V], got {hidden.shape} "
-      f"and {head.shape}"
-    )
-  if targets.shape != hidden.shape[:2] or weights.shape != hidden.shape[:2]:
-    raise ValueError(
-      f"fused_cross_entropy: targets {targets.shape} and weights {weights.shape} must both be "
-      f"[B, L] = {hidden.shape[:2]}"
-    )
-  if not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(f"fused_cross_entropy: targets must be integers, got {targets.dtype}")
-  if chunk_size < 1:
-    raise ValueError(f"fused_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-  vocab = head.shape[1] if vocab_size is None else int(vocab_size)
-  if not 1 <= vocab <= head.shape[1]:
-    raise ValueError(
-      f"fused_cross_entropy: vocab_size={vocab_size} must be in [1, {head.shape[1]}] (head "
-      f"{head.shape})"
+      f"fused_cross_entropy: weights {weights.shape} must be [B, L] = {hidden.shape[:2]}"
     )
   weights = weights.astype(jnp.float32)
-  mesh = shd.active_mesh()
-  if mesh is not None and mesh.shape["tensor"] > 1:
+  if _vocab_parallel():
     # The vocab is split over `tensor`: full logits let the SPMD partitioner keep the head and
     # its gradient vocab-parallel, where the fused scan would replicate them on every device.
-    loss, metrics = _unfused(hidden, head, targets, weights, float(z_loss), vocab)
+    loss, metrics = _unfused(hidden, head, targets, weights, float(z_loss), vocab, temperature)
   else:
-    loss, metrics = _fused(hidden, head, targets, weights, float(z_loss), chunk_size, vocab)
+    loss, metrics = _fused(
+      hidden, head, targets, weights, float(z_loss), chunk_size, vocab, temperature
+    )
   return loss, dict(zip(METRICS, metrics, strict=True))
 
 
-def _unfused(hidden, head, targets, weights, z_loss, vocab):
+def token_logprobs(
+  hidden: jax.Array,
+  head: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk_size: int = CHUNK_SIZE,
+  vocab_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token log-probabilities and entropies of softmax(logits / T), chunked like the CE.
+
+  With z = (hidden @ head) / T in float32 (padding columns masked) and p = softmax(z):
+    logp[b, l] = z[target] - logsumexp(z)        entropy[b, l] = logsumexp(z) - sum_v p_v z_v
+  ( = -sum_v p_v log p_v), without materialising [B, L, V].
+
+  Args:
+    hidden, head, targets, chunk_size, vocab_size: as in `fused_cross_entropy`; every target
+      must be in [0, V) (one outside gives NaN).
+    temperature: T > 0 (a Python float, compiled in).
+
+  Returns:
+    (logp, entropy), both [B, L] float32. `logp` is differentiable w.r.t. hidden and head (the
+    backward runs `fused_cross_entropy` with weights = -cotangent, one more chunked pass);
+    `entropy` carries NO gradient (a metric: its cotangent is ignored).
+  """
+  vocab, temperature = _check_common(
+    "token_logprobs", hidden, head, targets, chunk_size, vocab_size, temperature
+  )
+  if _vocab_parallel():
+    logits = jnp.einsum("bld,dv->blv", hidden, head, preferred_element_type=jnp.float32)
+    z = _mask_padding(shd.constrain(logits, ("batch", "seq", "vocab")) / temperature, vocab)
+    logp, ent = _logp_entropy(z, _bad_to_nan_index(targets, vocab, z.shape[-1]))
+    return logp, jax.lax.stop_gradient(ent)
+  return _token_logprobs(hidden, head, targets, temperature, chunk_size, vocab)
+
+
+def _check_common(name, hidden, head, targets, chunk_size, vocab_size, temperature):
+  """Validates the shared arguments; returns (V, T as a float)."""
+  if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
+    raise ValueError(
+      f"{name}: hidden must be [B, L, D] and head [D, V], got {hidden.shape} and {head.shape}"
+    )
+  if targets.shape != hidden.shape[:2]:
+    raise ValueError(f"{name}: targets {targets.shape} must be [B, L] = {hidden.shape[:2]}")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f"{name}: targets must be integers, got {targets.dtype}")
+  if chunk_size < 1:
+    raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+  vocab = head.shape[1] if vocab_size is None else int(vocab_size)
+  if not 1 <= vocab <= head.shape[1]:
+    raise ValueError(
+      f"{name}: vocab_size={vocab_size} must be in [1, {head.shape[1]}] (head {head.shape})"
+    )
+  if not temperature > 0:
+    raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+  return vocab, float(temperature)
+
+
+def _vocab_parallel() -> bool:
+  mesh = shd.active_mesh()
+  return mesh is not None and mesh.shape["tensor"] > 1
+
+
+def _unfused(hidden, head, targets, weights, z_loss, vocab, temperature):
   """The same loss and metrics from materialised [B, L, Vp] float32 logits (plain autodiff)."""
   logits = jnp.einsum("bld,dv->blv", hidden, head, preferred_element_type=jnp.float32)
-  logits = _mask_padding(shd.constrain(logits, ("batch", "seq", "vocab")), vocab)
+  logits = shd.constrain(logits, ("batch", "seq", "vocab")) / temperature
+  logits = _mask_padding(logits, vocab)
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
   y = _safe_targets(targets, weights, vocab, head.shape[1])
   target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
@@ -123,19 +185,23 @@ def _unfused(hidden, head, targets, weights, z_loss, vocab):
   return loss, metrics
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(hidden, head, targets, weights, z_loss, chunk_size, vocab):
-  loss, metrics, _ = _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, grad=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(hidden, head, targets, weights, z_loss, chunk_size, vocab, temperature):
+  loss, metrics, _ = _run(
+    hidden, head, targets, weights, z_loss, chunk_size, vocab, temperature, grad=False
+  )
   return loss, metrics
 
 
-def _fused_fwd(hidden, head, targets, weights, z_loss, chunk_size, vocab):
-  loss, metrics, grads = _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, grad=True)
+def _fused_fwd(hidden, head, targets, weights, z_loss, chunk_size, vocab, temperature):
+  loss, metrics, grads = _run(
+    hidden, head, targets, weights, z_loss, chunk_size, vocab, temperature, grad=True
+  )
   return (loss, metrics), grads
 
 
-def _fused_bwd(z_loss, chunk_size, vocab, grads, cotangents):
-  del z_loss, chunk_size, vocab
+def _fused_bwd(z_loss, chunk_size, vocab, temperature, grads, cotangents):
+  del z_loss, chunk_size, vocab, temperature
   d_hidden, d_head, d_weights = grads
   g = cotangents[0]  # d(out)/d(loss); the metrics' cotangents are dropped (documented).
   return (
@@ -149,14 +215,16 @@ def _fused_bwd(z_loss, chunk_size, vocab, grads, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, *, grad):
+def _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, temperature, *, grad):
   """(loss, metrics tuple, (d_hidden, d_head, d_weights) or None): locally or under shard_map.
 
   Under a mesh, d_head leaves split like the head's `embed` dim when that dim is split over
   batch axes only (fsdp): those axes reduce-scatter it, the other batch axes all-reduce it, so
   no device ever holds the summed full-size gradient.
   """
-  fn = functools.partial(_local, z_loss=z_loss, chunk_size=chunk_size, vocab=vocab, grad=grad)
+  fn = functools.partial(
+    _local, z_loss=z_loss, chunk_size=chunk_size, vocab=vocab, temperature=temperature, grad=grad
+  )
   mesh = shd.active_mesh()
   if mesh is None:
     return fn(hidden, head, targets, weights, reduce_axes=(), scatter_axes=())
@@ -183,7 +251,18 @@ def _run(hidden, head, targets, weights, z_loss, chunk_size, vocab, *, grad):
 
 
 def _local(
-  hidden, head, targets, weights, *, z_loss, chunk_size, vocab, grad, reduce_axes, scatter_axes
+  hidden,
+  head,
+  targets,
+  weights,
+  *,
+  z_loss,
+  chunk_size,
+  vocab,
+  temperature,
+  grad,
+  reduce_axes,
+  scatter_axes,
 ):
   """The fused loss over this device's tokens. The sums are psum-ed over reduce_axes and
   scatter_axes; d_head is psum-ed over reduce_axes and reduce-scattered (dim 0) over
@@ -206,7 +285,7 @@ def _local(
 
   def chunk(hb, yb, wb):
     """Per-chunk forward: weighted sums [4] and what the gradient needs."""
-    logits = _mask_padding(jnp.dot(hb, head, preferred_element_type=jnp.float32), vocab)
+    logits = _chunk_logits(hb, head, vocab, temperature)
     m = logits.max(-1)  # [C]
     e = jnp.exp(logits - m[:, None])  # [C, V]
     s = e.sum(-1)  # [C]
@@ -232,10 +311,11 @@ def _local(
   def body(d_head, x):
     hb, yb, wb = x
     sums, row, e, s, lse = chunk(hb, yb, wb)
-    # d loss / d logits = w * (softmax * (1 + 2 z lse) - onehot(target)), [C, V] float32.
-    scale = wb * (1.0 + 2.0 * z_loss * lse) / s  # [C]
+    # d loss / d logits = w * (softmax * (1 + 2 z lse) - onehot(target)) / T, [C, V] float32.
+    scale = wb * (1.0 + 2.0 * z_loss * lse) / (s * temperature)  # [C]
     onehot = jnp.arange(v, dtype=jnp.int32)[None, :] == yb[:, None]
-    dlogits = (e * scale[:, None] - jnp.where(onehot, wb[:, None], 0.0)).astype(head.dtype)
+    wt = wb[:, None] / temperature
+    dlogits = (e * scale[:, None] - jnp.where(onehot, wt, 0.0)).astype(head.dtype)
     dh = jnp.dot(dlogits, head.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
     d_head = d_head + jnp.dot(hb.T, dlogits, preferred_element_type=jnp.float32)
     return d_head, (sums, row, dh)
@@ -254,6 +334,87 @@ def _local(
   return sums[0], tuple(sums[1:]), (dh, d_head, d_weights)
 
 
+def _chunk_logits(hb, head, vocab: int, temperature: float):
+  """[C, D] x [D, Vp] -> float32 logits / T [C, Vp], padding columns NEG_INF."""
+  logits = jnp.dot(hb, head, preferred_element_type=jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
+  return _mask_padding(logits, vocab)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_logprobs(hidden, head, targets, temperature, chunk_size, vocab):
+  return _token_run(hidden, head, targets, temperature, chunk_size, vocab)
+
+
+def _token_logprobs_fwd(hidden, head, targets, temperature, chunk_size, vocab):
+  out = _token_run(hidden, head, targets, temperature, chunk_size, vocab)
+  return out, (hidden, head, targets)
+
+
+def _token_logprobs_bwd(temperature, chunk_size, vocab, res, cotangents):
+  hidden, head, targets = res
+  g = cotangents[0].astype(jnp.float32)  # d out / d logp [B, L]; entropy's is dropped
+  # sum(g * logp) = -sum(g * ce): its gradient is the fused CE's with weights -g.
+  _, vjp = jax.vjp(
+    lambda h, w: _fused(h, w, targets, -g, 0.0, chunk_size, vocab, temperature)[0], hidden, head
+  )
+  d_hidden, d_head = vjp(jnp.ones((), jnp.float32))
+  return d_hidden, d_head, None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
+
+
+def _token_run(hidden, head, targets, temperature, chunk_size, vocab):
+  """(logp, entropy) [B, L]: locally, or under shard_map over this device's tokens."""
+  fn = functools.partial(_token_local, temperature=temperature, chunk_size=chunk_size, vocab=vocab)
+  mesh = shd.active_mesh()
+  if mesh is None:
+    return fn(hidden, head, targets)
+  shd.check_batch(hidden.shape[0], mesh, "token_logprobs: batch")
+  tok = ("batch",)
+  return shd.shard_map(fn, mesh=mesh, in_axes=(tok, (), tok), out_axes=(tok, tok))(
+    hidden, head, targets
+  )
+
+
+def _token_local(hidden, head, targets, *, temperature, chunk_size, vocab):
+  """Per-token (logp, entropy) [B, L] of this device's tokens, a scan over row chunks."""
+  b, l, d = hidden.shape
+  t = b * l
+  n = -(-t // chunk_size)
+  c = -(-t // n)
+  pad = n * c - t
+  h = hidden.reshape(t, d)
+  y = _bad_to_nan_index(targets.reshape(t), vocab, head.shape[1])
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    y = jnp.pad(y, (0, pad))
+
+  def body(_, x):
+    hb, yb = x
+    return None, _logp_entropy(_chunk_logits(hb, head, vocab, temperature), yb)
+
+  _, (logp, ent) = jax.lax.scan(body, None, (h.reshape(n, c, d), y.reshape(n, c)))
+  return logp.reshape(n * c)[:t].reshape(b, l), ent.reshape(n * c)[:t].reshape(b, l)
+
+
+def _logp_entropy(z, y):
+  """z [..., Vp] float32 (padding NEG_INF), y [...] -> (log softmax(z)[y], entropy), [...].
+
+  With m = max z, s = sum exp(z - m): logp = (z_y - m) - log s and H = log s - E_p[z - m], two
+  terms >= 0 (lse - E_p[z] would cancel large logits when p is peaked). Padding columns have
+  exp(z - m) == 0 and a finite z: they add 0.
+  """
+  zm = z - jax.lax.stop_gradient(z.max(-1, keepdims=True))  # <= 0
+  e = jnp.exp(zm)
+  s = e.sum(-1)
+  log_s = jnp.log(s)
+  logp = jnp.take_along_axis(zm, y[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[..., 0]
+  return logp - log_s, log_s - (e * zm).sum(-1) / s
+
+
 def _mask_padding(logits, vocab: int):
   """[..., Vp] logits with the padding columns (ids >= vocab) set to NEG_INF."""
   if vocab == logits.shape[-1]:
@@ -268,6 +429,13 @@ def _safe_targets(targets, weights, vocab: int, cols: int):
   y = targets.astype(jnp.int32)
   y = jnp.where((weights != 0) | ((y >= 0) & (y < vocab)), y, 0)
   return jnp.where(y >= vocab, cols, y)
+
+
+def _bad_to_nan_index(targets, vocab: int, cols: int):
+  """int32 targets with every id outside [0, vocab) set to `cols`: out of bounds, so the
+  gather (mode="fill") gives NaN for it."""
+  y = targets.astype(jnp.int32)
+  return jnp.where((y < 0) | (y >= vocab), cols, y)
 
 
 def _psum(x, axes):

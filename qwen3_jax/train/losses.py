@@ -74,16 +74,39 @@ def loss_terms(
     hidden, head, batch["targets"], w, z_loss=z_loss, vocab_size=cfg.vocab_size
   )
   if cfg.is_moe:
-    seg = batch["segment_ids"] > 0
-    tok_share = seg.astype(jnp.float32).sum() / totals["n_tok"]
-    seq_share = seg.any(-1).astype(jnp.float32).sum() / totals["n_seq"]
-    terms = aux_losses(aux, cfg, fraction=f_global, tok_share=tok_share, seq_share=seq_share)
-    loss = loss + terms["aux_loss"]
-    metrics.update(
-      terms,
-      dropped_fraction=aux["dropped_fraction"] * tok_share,
-      experts_per_token=aux["experts_per_token"] * tok_share,
-      tokens_per_expert=aux["tokens_per_expert"].astype(jnp.float32),
-    )
+    aux_loss, terms = moe_terms(aux, batch["segment_ids"], totals, cfg, f_global=f_global)
+    loss = loss + aux_loss
+    metrics.update(terms)
   metrics["loss"] = loss
   return loss, metrics
+
+
+def moe_terms(
+  aux: dict,
+  segment_ids: jax.Array,
+  totals: dict,
+  cfg: ModelConfig,
+  *,
+  f_global: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """This micro-batch's share of the MoE aux loss, and its (additive) router metrics.
+
+  Args:
+    aux: the model's aux dict; segment_ids: [B, L] (0 = padding) of this micro-batch.
+    totals: `batch_totals` of the global batch (n_tok, n_seq); f_global: as in `loss_terms`.
+
+  Returns:
+    (aux_loss, metrics): the weighted terms of `moe.aux_losses`, dropped_fraction and
+    experts_per_token weighted by this micro-batch's token share, tokens_per_expert counts.
+  """
+  seg = segment_ids > 0
+  tok_share = seg.astype(jnp.float32).sum() / totals["n_tok"]
+  seq_share = seg.any(-1).astype(jnp.float32).sum() / totals["n_seq"]
+  terms = aux_losses(aux, cfg, fraction=f_global, tok_share=tok_share, seq_share=seq_share)
+  metrics = dict(
+    terms,
+    dropped_fraction=aux["dropped_fraction"] * tok_share,
+    experts_per_token=aux["experts_per_token"] * tok_share,
+    tokens_per_expert=aux["tokens_per_expert"].astype(jnp.float32),
+  )
+  return terms["aux_loss"], metrics

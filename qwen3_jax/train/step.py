@@ -4,6 +4,11 @@ The whole state (params and optimizer state) is a plain pytree; the model is reb
 step with `nnx.merge(graphdef, params)`. `jax.jit` gets explicit in/out shardings for the state
 (from the sharding rules) and the batch, and donates the old state, so the step compiles once
 and its outputs land exactly where its inputs were.
+
+The pieces any objective needs are shared with the RL step (`qwen3_jax/rl/step.py`):
+`setup_state` (model graph, optimizer, state shardings, init), `accumulate_grads` (gradient
+accumulation over micro-batches, with the MoE global-balance pre-pass) and `apply_gradients`
+(the optimizer update that skips non-finite steps).
 """
 
 from __future__ import annotations
@@ -47,19 +52,148 @@ jax.tree_util.register_dataclass(
 
 
 @dataclasses.dataclass
-class Program:
-  """Everything compiled for one run: shardings, init, train and eval steps."""
+class StateSetup:
+  """The model graph, optimizer and sharded train state of one (TrainConfig, mesh): what every
+  compiled step (pretraining / SFT, RL) is built on. `init` here is the plain function."""
 
   cfg: TrainConfig
   mesh: Mesh
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   state_shardings: TrainState
-  batch_sharding: NamedSharding
+  param_shardings: Any  # params-shaped tree of NamedShardings
+  replicated: NamedSharding
+  init: Any  # () -> TrainState (not jitted)
+  lr: Any  # step -> learning rate
+
+
+def setup_state(cfg: TrainConfig, mesh: Mesh) -> StateSetup:
+  """Model graph, optimizer (`cfg.optim` over `cfg.num_steps`) and TrainState shardings."""
+  mcfg: ModelConfig = cfg.model
+  shd.validate(mcfg, mesh, cfg.batch_size // cfg.micro_batches)
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
+
+  def make_params():
+    return nnx.state(Qwen3(mcfg, rngs=nnx.Rngs(cfg.seed)), nnx.Param).to_pure_dict()
+
+  abstract = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(cfg.seed)))
+  graphdef, abs_state = nnx.split(abstract)
+  param_sh = shd.state_shardings(abs_state, mesh).to_pure_dict()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abs_params = jax.eval_shape(make_params)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(
+    tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+  )
+
+  def init():
+    params = make_params()
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, tx.init(params), zero, zero)
+
+  return StateSetup(
+    cfg=cfg,
+    mesh=mesh,
+    graphdef=graphdef,
+    tx=tx,
+    state_shardings=TrainState(replicated, param_sh, opt_sh, replicated, replicated),
+    param_shardings=param_sh,
+    replicated=replicated,
+    init=init,
+    lr=schedule(cfg.optim, cfg.num_steps),
+  )
+
+
+def accumulate_grads(loss_fn, params, batch: dict, n: int, counts_fn=None):
+  """(grads, metrics) of `loss_fn` over the batch in n micro-batches, summed.
+
+  Args:
+    loss_fn: (params, micro_batch, f_global) -> (loss, metrics); each micro-batch's loss is
+      its share of the batch loss (normalised by global-batch totals), so the sum is exact.
+    batch: arrays with a leading batch dim B (divisible by n).
+    n: micro-batches; 1 = one value_and_grad over the whole batch (f_global None).
+    counts_fn: (params, micro_batch) -> tokens_per_expert [n_moe, E], forward only: with
+      n > 1 a pre-pass sums it over the batch and passes the global expert fractions as
+      f_global (MoE global balance); None = f_global stays None.
+
+  Returns:
+    grads (summed) and metrics: summed over micro-batches, except keys ending in `_max`
+    (maxima).
+  """
+  if n == 1:
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
+    return grads, metrics
+  mbs = _split_micro(batch, n)
+  first = jax.tree.map(lambda x: x[0], mbs)
+  f_global = None
+  if counts_fn is not None:
+    # Forward-only pre-pass: expert counts of the whole global batch.
+    def count(c, mb):
+      return c + counts_fn(params, mb), None
+
+    zeros = jnp.zeros(jax.eval_shape(lambda: counts_fn(params, first)).shape, jnp.float32)
+    counts, _ = jax.lax.scan(count, zeros, mbs)
+    f_global = fraction_from_counts(counts)
+
+  def combine(a: dict, b: dict) -> dict:
+    return {k: (jnp.maximum if k.endswith("_max") else jnp.add)(a[k], b[k]) for k in a}
+
+  def body(carry, mb):
+    (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, f_global)
+    return (jax.tree.map(jnp.add, carry[0], g), combine(carry[1], m)), None
+
+  abs_m = jax.eval_shape(lambda: loss_fn(params, first, f_global)[1])
+  carry0 = (
+    jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: params)),
+    {
+      k: jnp.full(a.shape, -jnp.inf if k.endswith("_max") else 0, a.dtype) for k, a in abs_m.items()
+    },
+  )
+  (grads, metrics), _ = jax.lax.scan(body, carry0, mbs)
+  return grads, metrics
+
+
+def apply_gradients(setup: StateSetup, state: TrainState, grads, metrics: dict):
+  """One optimizer step, skipped (params and optimizer state kept, `skipped` counted) when
+  metrics["loss"] or the gradient norm is not finite. Returns (new state, metrics + grad_norm,
+  lr, finite, skipped, bad_streak)."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, new_opt = setup.tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  bad = (~finite).astype(jnp.int32)
+  new_state = TrainState(
+    step=state.step + 1,
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt, state.opt_state),
+    skipped=state.skipped + bad,
+    bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+  )
+  metrics = dict(metrics)
+  metrics.update(
+    grad_norm=grad_norm,
+    lr=setup.lr(state.step - state.skipped),
+    finite=finite,
+    skipped=new_state.skipped,
+    bad_streak=new_state.bad_streak,
+  )
+  if "tokens_per_expert" in metrics:
+    metrics["expert_load"] = fraction_from_counts(metrics.pop("tokens_per_expert"))
+  return new_state, metrics
+
+
+@dataclasses.dataclass
+class Compiled:
+  """What every compiled program has: the config it was built for, its mesh, model graph,
+  optimizer, state shardings, jitted `init` and the lr schedule (what resume needs)."""
+
+  cfg: TrainConfig
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  state_shardings: TrainState
   init: Any  # () -> TrainState (jitted, sharded)
-  train_step: Any  # (TrainState, batch) -> (TrainState, metrics) (jitted, donating)
-  eval_step: Any  # (params, batch) -> {"ce_sum", "n"} (jitted)
-  grads: Any  # (params, batch) -> (grads, metrics), summed over micro-batches (jitted)
   lr: Any  # step -> learning rate
 
   def abstract_state(self) -> TrainState:
@@ -73,6 +207,25 @@ class Program:
     )
 
 
+@dataclasses.dataclass
+class Program(Compiled):
+  """Everything compiled for one pretraining / SFT run: shardings, init, train and eval steps."""
+
+  batch_sharding: NamedSharding
+  train_step: Any  # (TrainState, batch) -> (TrainState, metrics) (jitted, donating)
+  eval_step: Any  # (params, batch) -> {"ce_sum", "n"} (jitted)
+  grads: Any  # (params, batch) -> (grads, metrics), summed over micro-batches (jitted)
+
+
+def moe_counts_fn(graphdef, mcfg: ModelConfig):
+  """(params, micro_batch) -> tokens_per_expert, forward only, for `accumulate_grads`'s
+  global-balance pre-pass; None when the model has no MoE layer or balances per sequence.
+  The micro-batch holds `inputs` and `segment_ids` (`forward`)."""
+  if not (mcfg.is_moe and mcfg.moe.balance == "global"):
+    return None
+  return lambda p, mb: forward(graphdef, p, mb)[0].aux["tokens_per_expert"]
+
+
 def forward(graphdef, params, mb: dict):
   """(ModelOutput with final hidden states instead of logits, head weight [D, V]) for a batch
   dict (inputs, segment_ids): the losses apply the head themselves (`fused_ce`)."""
@@ -82,19 +235,19 @@ def forward(graphdef, params, mb: dict):
 
 
 def _split_micro(batch: dict, n: int) -> dict:
-  """[B, L] -> [n, B/n, L]; micro-batch j takes rows j, j+n, ... so each stays spread over
+  """[B, ...] -> [n, B/n, ...]; micro-batch j takes rows j, j+n, ... so each stays spread over
   every data-parallel device."""
 
   def one(x):
     b = x.shape[0]
     x = x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)
-    return shd.constrain(x, (None, "batch", None))
+    return shd.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
   return jax.tree.map(one, batch)
 
 
 # TrainConfig fields that do not change any compiled function (left out of the cache key).
-_LOOP_ONLY = dict(
+LOOP_ONLY = dict(
   data=DataConfig(),
   eval_every=0,
   eval_batches=0,
@@ -115,99 +268,34 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
   mesh (e.g. a resume, or an experiment sweep over data) reuses the compiled functions.
   `Program.cfg` keeps only the fields that matter to them.
   """
-  return _make_program(dataclasses.replace(cfg, **_LOOP_ONLY), mesh)
+  return _make_program(dataclasses.replace(cfg, **LOOP_ONLY), mesh)
 
 
 @functools.lru_cache(maxsize=4)
 def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
   mcfg: ModelConfig = cfg.model
-  shd.validate(mcfg, mesh, cfg.batch_size // cfg.micro_batches)
-  tx = make_optimizer(cfg.optim, cfg.num_steps)
-  lr_fn = schedule(cfg.optim, cfg.num_steps)
-
-  def make_params():
-    return nnx.state(Qwen3(mcfg, rngs=nnx.Rngs(cfg.seed)), nnx.Param).to_pure_dict()
-
-  abstract = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(cfg.seed)))
-  graphdef, abs_state = nnx.split(abstract)
-  param_sh = shd.state_shardings(abs_state, mesh).to_pure_dict()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abs_params = jax.eval_shape(make_params)
-  abs_opt = jax.eval_shape(tx.init, abs_params)
-  opt_sh = optax.tree_map_params(
-    tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
-  )
-  state_sh = TrainState(replicated, param_sh, opt_sh, replicated, replicated)
+  setup = setup_state(cfg, mesh)
+  graphdef, param_sh, replicated = setup.graphdef, setup.param_shardings, setup.replicated
+  state_sh = setup.state_shardings
   batch_sh = NamedSharding(mesh, shd.logical_to_spec(("batch", None)))
-
-  def init():
-    params = make_params()
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, tx.init(params), zero, zero)
-
-  n = cfg.micro_batches
 
   def grads_and_metrics(params, batch):
     totals = batch_totals(batch)
 
-    def mb_loss(p, mb, f_global=None):
+    def mb_loss(p, mb, f_global):
       out, head = forward(graphdef, p, mb)
       return loss_terms(
         out.hidden, head, out.aux, mb, totals, mcfg, z_loss=cfg.z_loss, f_global=f_global
       )
 
-    if n == 1:
-      (_, metrics), grads = jax.value_and_grad(mb_loss, has_aux=True)(params, batch)
-      return grads, metrics
-    mbs = _split_micro(batch, n)
-    f_global = None
-    if mcfg.is_moe and mcfg.moe.balance == "global":
-      # Forward-only pre-pass: expert counts of the whole global batch.
-      def count(c, mb):
-        return c + forward(graphdef, params, mb)[0].aux["tokens_per_expert"], None
-
-      first = jax.eval_shape(lambda: forward(graphdef, params, jax.tree.map(lambda x: x[0], mbs)))
-      zeros = jnp.zeros(first[0].aux["tokens_per_expert"].shape, jnp.float32)
-      counts, _ = jax.lax.scan(count, zeros, mbs)
-      f_global = fraction_from_counts(counts)
-
-    def body(carry, mb):
-      (_, m), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb, f_global)
-      return jax.tree.map(jnp.add, carry, (g, m)), None
-
-    zero_m = jax.eval_shape(lambda: mb_loss(params, jax.tree.map(lambda x: x[0], mbs), f_global)[1])
-    carry0 = jax.tree.map(
-      lambda a: jnp.zeros(a.shape, a.dtype), (jax.eval_shape(lambda: params), zero_m)
+    return accumulate_grads(
+      mb_loss, params, batch, cfg.micro_batches, moe_counts_fn(graphdef, mcfg)
     )
-    (grads, metrics), _ = jax.lax.scan(body, carry0, mbs)
-    return grads, metrics
 
   def train_step(state: TrainState, batch: dict):
     grads, metrics = grads_and_metrics(state.params, batch)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    bad = (~finite).astype(jnp.int32)
-    new_state = TrainState(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt, state.opt_state),
-      skipped=state.skipped + bad,
-      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
-    )
-    metrics = dict(metrics)
-    metrics.update(
-      grad_norm=grad_norm,
-      lr=lr_fn(state.step - state.skipped),
-      finite=finite,
-      skipped=new_state.skipped,
-      bad_streak=new_state.bad_streak,
-      tokens=batch_totals(batch)["n_tok"],
-    )
-    if "tokens_per_expert" in metrics:
-      metrics["expert_load"] = fraction_from_counts(metrics.pop("tokens_per_expert"))
+    new_state, metrics = apply_gradients(setup, state, grads, metrics)
+    metrics["tokens"] = batch_totals(batch)["n_tok"]
     return new_state, metrics
 
   def eval_step(params, batch):
@@ -220,7 +308,7 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
 
   batch_tree = {k: batch_sh for k in BATCH_KEYS}
   with shd.use_mesh(mesh):
-    init_j = jax.jit(init, out_shardings=state_sh)
+    init_j = jax.jit(setup.init, out_shardings=state_sh)
     step_j = jax.jit(
       train_step,
       in_shardings=(state_sh, batch_tree),
@@ -233,18 +321,18 @@ def _make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     cfg=cfg,
     mesh=mesh,
     graphdef=graphdef,
-    tx=tx,
+    tx=setup.tx,
     state_shardings=state_sh,
     batch_sharding=batch_sh,
-    init=_under_mesh(init_j, mesh),
-    train_step=_under_mesh(step_j, mesh),
-    eval_step=_under_mesh(eval_j, mesh),
-    lr=lr_fn,
-    grads=_under_mesh(grads_j, mesh),
+    init=under_mesh(init_j, mesh),
+    train_step=under_mesh(step_j, mesh),
+    eval_step=under_mesh(eval_j, mesh),
+    lr=setup.lr,
+    grads=under_mesh(grads_j, mesh),
   )
 
 
-class _under_mesh:
+class under_mesh:
   """Calls a jitted function with `jax.set_mesh(mesh)` active (the model reads the mesh)."""
 
   def __init__(self, fn, mesh):

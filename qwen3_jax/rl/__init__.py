@@ -1,0 +1,1 @@
+"""Reinforcement learning: the GRPO objective and the policy-gradient train step."""
