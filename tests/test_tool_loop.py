@@ -509,3 +509,29 @@ def test_terminal_printer_colours_reasoning_on_a_terminal(tok):
   printer = TerminalPrinter(buf, color=True)
   printer.end(session.send("Hi", on_event=printer))
   assert buf.getvalue() == "\x1b[2mhm\x1b[0m\nYes.\n"
+
+
+def test_generate_script_writes_one_row_per_prompt(ckpt_dir, model, tok, tmp_path):
+  """scripts/generate.py on a params checkpoint: a text prompt and a chat row (thinking off),
+  greedy; each output row's tokens, text and counts agree with the engine run in-process."""
+  from qwen3_jax.data import chat
+  from qwen3_jax.infer.engine import Engine, Request
+  from qwen3_jax.infer.sampling import SamplingParams
+
+  msgs = [{"role": "user", "content": "hi"}]
+  src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  src.write_text(json.dumps({"prompt": "The quick"}) + "\n" + json.dumps({"messages": msgs}) + "\n")
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "generate.py"), f"--checkpoint={ckpt_dir}"]
+  cmd += [f"--input={src}", f"--output={dst}", "--temperature=0", "--max_new_tokens=5"]
+  cmd += ["--enable_thinking=false"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in dst.read_text().splitlines()]
+  prompts = ["The quick", chat.render(msgs, add_generation_prompt=True, enable_thinking=False)]
+  greedy = SamplingParams.greedy()
+  want = Engine(model, tok).generate([Request(p, greedy, 5) for p in prompts])
+  for row, [c] in zip(rows, want, strict=True):
+    assert row["token_ids"] == c.token_ids and row["text"] == c.text
+    assert row["completion_tokens"] == len(c.token_ids) and row["finish_reason"] == c.finish_reason
+    assert row["prompt_tokens"] == len(c.prompt_ids)
