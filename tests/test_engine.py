@@ -143,26 +143,31 @@ def test_sampled_request_is_the_same_alone_in_a_batch_and_on_a_mesh(tok, model, 
 def test_streaming_deltas_concatenate_to_the_text(tok, model):
   """Stream of two sampled rows over a vocabulary with multi-byte characters split into byte
   tokens: the deltas of a row concatenate to its completion's text, which equals the
-  tokenizer's decode of its tokens; no delta ends inside a character (no U+FFFD)."""
+  tokenizer's decode of its tokens (without a final EOS id); the reasoning / content deltas
+  join to `chat.parse` of the text."""
   eng = Engine(model, tok, steps_per_call=3)
-  eng.eos_ids = ()
   reqs = [
     Request("Grüße aus Köln", sampling=SamplingParams(temperature=1.5, seed=s), max_new_tokens=40)
     for s in range(2)
   ]
-  text, toks = {0: "", 1: ""}, {0: [], 1: []}
+  text, toks, split = {0: "", 1: ""}, {0: [], 1: []}, {0: ["", ""], 1: ["", ""]}
   finished = {}
   for ev in eng.stream(reqs):
     text[ev.request_id] += ev.text
     toks[ev.request_id] += ev.token_ids
+    split[ev.request_id][0] += ev.reasoning
+    split[ev.request_id][1] += ev.content
     if ev.finish_reason:
       finished[ev.request_id] = ev.finish_reason
   out = eng.generate(reqs)
-  assert finished == {0: "length", 1: "length"}
+  assert set(finished) == {0, 1} and set(finished.values()) <= {"stop", "length"}
   for i in range(2):
     c = out[i][0]
     assert toks[i] == c.token_ids and text[i] == c.text
-    assert c.text == tok.decode(c.token_ids, skip_special_tokens=False)
+    ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+    assert c.text == tok.decode(ids, skip_special_tokens=False)
+    parsed = chat.parse(c.text)
+    assert split[i] == [parsed.reasoning, parsed.content]
   multibyte = [
     t for t in range(VOCAB) if len(tok.decode([t]).encode()) and "\ufffd" in tok.decode([t])
   ]
@@ -216,6 +221,11 @@ def test_thinking_budget_and_budget_zero(tok, model):
   assert c.token_ids[5 : 5 + len(early)] == early
   assert c.forced == [False] * 5 + [True] * len(early) + [False] * 6
   assert EARLY_STOP in c.text
+  # Streamed, the reply splits at the forced `</think>` into reasoning and answer deltas.
+  events = list(eng.stream([req]))
+  reasoning, content = "".join(e.reasoning for e in events), "".join(e.content for e in events)
+  parsed = chat.parse("<think>" + c.text)
+  assert (reasoning, content) == (parsed.reasoning, parsed.content) and reasoning and content
   msgs = [{"role": "user", "content": "What is 12 * 7?"}]
   on = chat.render(msgs, add_generation_prompt=True)
   off = chat.render(msgs, add_generation_prompt=True, enable_thinking=False)

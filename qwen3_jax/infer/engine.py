@@ -41,6 +41,7 @@ from qwen3_jax.data.chat import EMPTY_THINK
 from qwen3_jax.data.tokenizer import END_THINK, EOS, IM_END, IM_START, THINK
 from qwen3_jax.infer import decode
 from qwen3_jax.infer.detokenize import TextStream, TokenBytes
+from qwen3_jax.infer.reply_stream import CONTENT, REASONING, ReplySplitter
 from qwen3_jax.infer.sampling import SamplingParams, row_params
 
 EARLY_STOP = (
@@ -104,7 +105,9 @@ class Completion:
 @dataclasses.dataclass(frozen=True)
 class Event:
   """A stream item: what one row produced since its last event. The deltas of a row
-  concatenate to its `Completion`; `finish_reason` is set on its last event."""
+  concatenate to its `Completion`; `finish_reason` is set on its last event. `reasoning`,
+  `content` and `tool_calls` split `text` by the chat format (`reply_stream.ReplySplitter`:
+  their concatenations agree with `chat.parse` of the whole text)."""
 
   request_id: object
   index: int
@@ -112,6 +115,9 @@ class Event:
   token_ids: list[int]
   logprobs: list[float]
   finish_reason: str | None = None
+  reasoning: str = ""
+  content: str = ""
+  tool_calls: str = ""
 
 
 @dataclasses.dataclass
@@ -120,6 +126,7 @@ class _Row:
 
   completion: Completion
   stream: TextStream
+  split: ReplySplitter
   prefill: list[int]  # prompt tokens still to feed (all but the last)
   top_n: int = 0  # alternatives asked for per token
   generated: int = 0  # the device's `generated` at the last read
@@ -330,6 +337,7 @@ class Session:
           top_logprobs=[] if want_top else None,
         ),
         stream=TextStream(self.engine.token_bytes, stop=req.stop),
+        split=ReplySplitter(in_reasoning=state == decode.THINKING),
         prefill=list(prompt[:-1]),
         top_n=params[r].top_logprobs,
       )
@@ -395,7 +403,20 @@ class Session:
           for i in range(n)
         ]
       c.text += text
-      ev = Event(c.request_id, c.index, text, toks, out.logprobs[r, :n].tolist(), reason)
+      pieces = host.split.push(text) + (host.split.finish() if reason else [])
+      parts = {k: "".join(t for kind, t in pieces if kind == k) for k in (REASONING, CONTENT)}
+      calls = "".join(t for kind, t in pieces if kind not in (REASONING, CONTENT))
+      ev = Event(
+        c.request_id,
+        c.index,
+        text,
+        toks,
+        out.logprobs[r, :n].tolist(),
+        reason,
+        reasoning=parts[REASONING],
+        content=parts[CONTENT],
+        tool_calls=calls,
+      )
       if reason is not None:
         c.finish_reason = reason
         self.results[key] = c
