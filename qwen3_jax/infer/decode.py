@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.infer.sampling import RowParams, sample
+from qwen3_jax.infer.sampling import RowParams, add_counts, sample
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.kv_cache import KVCache
 from qwen3_jax.sharding import constrain
@@ -234,7 +234,7 @@ def decode(graphdef, state, rows: Rows, prog: Program) -> tuple[Rows, Output]:
     lp = jnp.where(forcing, _logprob_at(logits, rows.params.temperature, tok), s.logprob)
     think, think_len, force = _think_update(rows, prog, tok, forcing, active)
     generated = rows.generated + active
-    counts = rows.counts.at[jnp.arange(b), tok].add(active.astype(jnp.int32))
+    counts = add_counts(rows.counts, tok, active)
     is_eos = jnp.any(tok[:, None] == eos[None, :], axis=1) & ~forcing
     done = active & (is_eos | (generated >= rows.max_new))
     finish = jnp.where(done, jnp.where(is_eos, STOPPED, LENGTH), rows.finish)

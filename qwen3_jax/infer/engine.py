@@ -355,7 +355,7 @@ class Session:
       if not most:
         return
       width = chunk
-      while width // 4 >= max(most, MIN_PREFILL) and width // 4 >= MIN_PREFILL:
+      while width // 4 >= max(most, MIN_PREFILL):  # the narrowest width that holds it
         width //= 4
       toks = np.zeros((self.batch, width), np.int32)
       num = np.zeros(self.batch, np.int32)
