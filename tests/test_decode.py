@@ -54,7 +54,7 @@ def test_cached_decode_equals_full_forward(pattern):
   np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
   if "sparse" in pattern:  # sparse layers keep a ring of the window and of max_globals.
     sub0 = cache.layers[0]
-    assert sub0["k"].shape[2] == 6 and sub0["gk"].shape[2] == 2
+    assert sub0["k"].shape[-1] == 6 and sub0["gk"].shape[-1] == 2  # [R, B, K, Dh, S]
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -205,12 +205,12 @@ def test_decode_with_fewer_kv_heads_than_tensor_equals_full_forward():
   off_mesh = init_cache(cfg, 2, 8)  # K = 2 heads: wrong for the tensor=4 mesh
   with sharding.use_mesh(mesh):
     cache, got = init_cache(cfg, 2, 8), []
-    assert cache.layers[1]["k"].shape == (1, 2, 8, 4, cfg.head_dim)  # [R, B, S, K * 2, Dh]
+    assert cache.layers[1]["k"].shape == (1, 2, 4, cfg.head_dim, 8)  # [R, B, K * 2, Dh, S]
     for a, b in [(0, 4), (4, 5), (5, 6), (6, 7)]:
       logits, cache = step(state, toks[:, a:b], cache)
       got.append(logits)
     k = cache.layers[1]["k"]
-    assert k.sharding.shard_shape(k.shape)[3] == 1  # one (repeated) kv head per tensor shard
+    assert k.sharding.shard_shape(k.shape)[2] == 1  # one (repeated) kv head per tensor shard
     with pytest.raises(ValueError, match="holds 2 kv heads"):
       jax.eval_shape(step, state, toks[:, :1], off_mesh)
   got = np.concatenate(got, 1)

@@ -126,6 +126,48 @@ def dense_attention(q, k, v, q_meta, k_meta, window, max_globals):
   return out.reshape(b, nq, h, dh), lse.reshape(b, nq, h)
 
 
+def cache_attention(q, kt, v, q_meta, k_meta, window, max_globals):
+  """`dense_attention` against keys and values in the KV cache's layout (`kv_cache.py`).
+
+  The two matmuls read kt and v as stored, batched over (B, K) with the G query heads of a kv
+  head and the Q queries folded into one dim: no [B, S, K, Dh] -> [B, K, .., S] transpose of
+  the cache (which a decode step would otherwise pay for every layer).
+
+  Args:
+    q: [B, Q, H, Dh] (already scaled); kt: [B, K, Dh, S] keys; v: [B, K, S, Dh] values;
+    q_meta, k_meta: as for `dense_attention` (S keys).
+  Returns:
+    out [B, Q, H, Dh] float32 (zero for queries with no visible key), lse [B, Q, H] float32
+    (NEG_INF for those).
+  """
+  b, nq, h, dh = q.shape
+  kh = kt.shape[1]
+  g = h // kh
+  is_g, *k_rest = k_meta
+  mask = visible(
+    tuple(x[:, :, None] for x in q_meta),
+    (is_g[None, None, :],) + tuple(x[:, None, :] for x in k_rest),
+    window,
+    max_globals,
+  )  # [B, Q, S]
+  qt = q.reshape(b, nq, kh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kh, nq * g, dh)
+  logits = jnp.einsum("bkqd,bkds->bkqs", qt, kt, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kh, nq, g, -1)  # [B, K, Q, G, S]
+  m = mask[:, None, :, None, :]
+  logits = jnp.where(m, logits, NEG_INF)
+  mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.exp(logits - mx)  # masked entries: exp(-1e30 - mx) = 0; all-masked rows: 1
+  ssum = jnp.sum(p, axis=-1, keepdims=True)
+  probs = (p / ssum).astype(v.dtype).reshape(b, kh, nq * g, -1)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, kh, nq, g, dh).transpose(0, 2, 1, 3, 4)  # [B, Q, K, G, Dh]
+  lse = (jnp.log(ssum) + mx)[..., 0].transpose(0, 2, 1, 3)  # [B, Q, K, G]
+  any_key = jnp.any(mask, axis=-1)  # [B, Q]
+  out = jnp.where(any_key[..., None, None, None], out, 0.0)
+  lse = jnp.where(any_key[..., None, None], lse, NEG_INF)
+  return out.reshape(b, nq, h, dh), lse.reshape(b, nq, h)
+
+
 def chunk_meta(layout: Layout, seg, gseg):
   """Query and key metadata (see `visible`) of a chunk's real tokens followed by its globals.
 
