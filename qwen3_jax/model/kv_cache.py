@@ -199,11 +199,14 @@ def _ring_index(count, cap: int) -> jax.Array:
   return s + cap * ((count - 1 - s) // cap)  # < 0: never written
 
 
-def key_meta(layer: dict, length):
-  """A layer's cached keys, values and their metadata for `sparse_attention.visible`.
+def key_meta(layer: dict, length, written=0):
+  """A layer's cached keys, values and their metadata for `sparse_attention.visible`: the
+  entries of the tokens before each row's `length` (real ones and their globals).
 
   Args:
-    layer: one sub-layer's cache dict (without the [R] axis); length: [B] each row's length.
+    layer: one sub-layer's cache dict (without the [R] axis); length: [B] each row's length
+      before the current chunk; written: [B] (or 0) tokens of the current chunk already
+      written to the layer (`write` before reading): their entries are marked invalid.
 
   Returns:
     (k [B, K, Dh, S + Gs], v [B, K, S + Gs, Dh], (is_global [S + Gs], slot, number, seg,
@@ -212,9 +215,9 @@ def key_meta(layer: dict, length):
   k, v, seg = layer["k"], layer["v"], layer["seg"]
   b, s = seg.shape
   length = jnp.broadcast_to(jnp.asarray(length, jnp.int32).reshape(-1, 1), (b, 1))
-  t = _ring_index(length, s)  # [B, S]
+  t = _ring_index(length + jnp.asarray(written, jnp.int32).reshape(-1, 1), s)  # [B, S]
   is_g = jnp.zeros((s,), bool)
-  slot, number, valid = t, jnp.zeros_like(t), t >= 0
+  slot, number, valid = t, jnp.zeros_like(t), (t >= 0) & (t < length)
   if "gk" in layer:
     k = jnp.concatenate([k, layer["gk"]], axis=3)
     v = jnp.concatenate([v, layer["gv"]], axis=2)
@@ -222,7 +225,8 @@ def key_meta(layer: dict, length):
     is_g = jnp.concatenate([is_g, jnp.ones((layer["gseg"].shape[1],), bool)])
     slot = jnp.concatenate([slot, layer["gslot"]], axis=1)
     number = jnp.concatenate([number, layer["gnum"]], axis=1)
-    valid = jnp.concatenate([valid, layer["gslot"] >= 0], axis=1)
+    gslot = layer["gslot"]  # a global before slot u is written with the chunk holding u
+    valid = jnp.concatenate([valid, (gslot >= 0) & (gslot < length)], axis=1)
   return k, v, (is_g, slot, number, seg, valid)
 
 
