@@ -241,7 +241,11 @@ def decode(graphdef, state, rows: Rows, prog: Program) -> tuple[Rows, Output]:
     s = sample(logits, rows.params, rows.generated, rows.counts, n)
     forcing = rows.force >= 0
     tok = jnp.where(forcing, forced_ids[jnp.maximum(rows.force, 0)], s.token)
-    lp = jnp.where(forcing, _logprob_at(logits, rows.params.temperature, tok), s.logprob)
+    lp = jax.lax.cond(  # forced tokens are rare: skip the [B, V] log-softmax without them
+      jnp.any(forcing),
+      lambda: jnp.where(forcing, _logprob_at(logits, rows.params.temperature, tok), s.logprob),
+      lambda: s.logprob,
+    )
     think, think_len, force = _think_update(rows, prog, tok, forcing, active)
     generated = rows.generated + active
     counts = rows.counts.at[jnp.arange(b), tok].add(active.astype(jnp.int32))
