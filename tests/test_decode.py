@@ -80,6 +80,34 @@ def test_default_moe_decode_equals_full_forward(batch):
   np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("pattern", [("full",), ("sparse", "full")])
+def test_cache_prefix_reads_equal_full_forward(pattern, monkeypatch):
+  """Attention over the cache reads only the shortest prefix (S, S / 2, ..) that holds every
+  visible key. With MIN_CACHE_PREFIX lowered to 2, a 32-slot cache takes every prefix in turn
+  as the rows grow (row 1 left-padded): decoding still equals the full forward pass."""
+  from qwen3_jax.model import sparse_attention
+
+  monkeypatch.setattr(sparse_attention, "MIN_CACHE_PREFIX", 2)
+  cfg = _cfg(pattern)
+  graphdef, state = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(1)))
+  toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L)))
+  seg = np.ones((2, L), np.int32)
+  seg[1, :PAD] = 0
+  seg = jnp.asarray(seg)
+
+  @jax.jit(compiler_options=FAST)
+  def forward(state, toks, seg, cache):
+    out = nnx.merge(graphdef, state)(toks, segment_ids=seg, cache=cache)
+    return out.logits, out.cache
+
+  want, _ = forward(state, toks, seg, None)
+  cache, got = init_cache(cfg, 2, 32), []
+  for a, b in [(0, 3), (3, 4)] + [(t, t + 1) for t in range(4, L)]:
+    logits, cache = forward(state, toks[:, a:b], seg[:, a:b], cache)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
+
+
 def test_packed_rows_in_unaligned_chunks_equal_full_forward():
   """Rows holding two documents (row 0: 6 + 13 tokens) or left padding + one document (row 1),
   decoded in chunks that start off the global grid (0-5, 5-6, 6-13, 13-14, 14-19), with the
