@@ -23,9 +23,9 @@ prefilled state, no host work): its `step_ms` minus ours' is the host's share.
 
 Bound: `weight_read_ms` = the bytes of the weights one decode step must read (all but the
 input embedding; of the experts, the expected number hit by B tokens with uniform routing,
-E (1 - (1 - k/E)^B) per layer) at the memory bandwidth measured in the same run (`copy_gb_s`:
-the best of a 256 MiB float32 array copy, read + write bytes; `sum_gb_s`: a reduction of it,
-read bytes). `kv_read_ms`: the cache keys and values attention reads per step at the mean
+E (1 - (1 - k/E)^B) per layer) at the read bandwidth measured in the same run (`sum_gb_s`:
+the best sum of a 256 MiB float32 array; `copy_gb_s`: a copy of it, read + write bytes, for
+reference). `kv_read_ms`: the cache keys and values attention reads per step at the mean
 length, at that bandwidth. A step cannot be faster than about weight_read_ms + kv_read_ms.
 """
 
@@ -212,8 +212,8 @@ def run(flags) -> list[dict]:
     repeats = min(flags.repeats, 2) if flags.quick else flags.repeats
     times = time_interleaved(fns, repeats=repeats, slow_s=300.0)
     best = {name: float(np.min(t)) for name, t in times.items()}
-    w_ms = step_bytes(cfg, model, b) / copy_bw * 1e3
-    kv_ms = kv_bytes(cfg, b, prompt_len + new / 2) / copy_bw * 1e3
+    w_ms = step_bytes(cfg, model, b) / sum_bw * 1e3
+    kv_ms = kv_bytes(cfg, b, prompt_len + new / 2) / sum_bw * 1e3
     for impl in ("ours", "hf_torch", "ours_loop"):
       if impl == "ours_loop" and "ours_loop/loop" in best:
         decode_s, ttft = best["ours_loop/loop"], None
