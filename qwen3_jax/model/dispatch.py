@@ -231,13 +231,12 @@ FEW_SLOTS_PER_EXPERT = 4
 def expert_rows_dispatch(x, ids, weights, active, w, expert_offset=0):
   """Dropless MoE for a few tokens (a decode step): each hit expert runs once, on its rows.
 
-  A loop over the (local) experts that have slots: expert e with c_e routed slots multiplies
-  them as one block of m_e rows, m_e = the smallest power of two >= c_e (a `lax.switch` over
-  the static sizes 1, 2, 4, .. >= T; an expert gets at most T slots). So each hit expert's
-  weights are read once, at most 2 c_e - 1 rows are computed, and experts without slots cost
-  nothing. At decode sizes this beats fixed blocks, which either pad every expert to b rows or
-  read an expert's weights once per block. Exact; plain autodiff (no custom VJP: not a
-  training path).
+  A loop over the (local) experts: expert e with c_e > 0 routed slots multiplies them as one
+  block of m_e rows, m_e = the smallest power of two >= c_e (a `lax.switch` over the static
+  sizes 1, 2, 4, .. >= T; an expert gets at most T slots; experts without slots take an empty
+  branch). So each hit expert's weights are read once and at most 2 c_e - 1 rows are computed.
+  At decode sizes this beats fixed blocks, which either pad every expert to b rows or read an
+  expert's weights once per block. Exact; plain autodiff (no custom VJP: not a training path).
 
   Args / returns: as `block_dispatch` (rows computed = sum_e m_e).
   """
@@ -264,16 +263,16 @@ def expert_rows_dispatch(x, ids, weights, active, w, expert_offset=0):
 
     return branch
 
-  branches = [run(m) for m in sizes]
+  branches = [lambda y, e, start, c: y] + [run(m) for m in sizes]  # 0: no slot
   size_arr = jnp.asarray(sizes, jnp.int32)
   size_of = jnp.searchsorted(size_arr, counts, side="left")  # [E] index of m_e in sizes
-  hit = jnp.argsort(counts == 0, stable=True)  # the experts with slots first
+  which = jnp.where(counts > 0, size_of + 1, 0)
 
-  def body(i, y):
-    e = hit[i]
-    return jax.lax.switch(size_of[e], branches, y, e, starts[e], counts[e])
+  def body(e, y):
+    return jax.lax.switch(which[e], branches, y, e, starts[e], counts[e])
 
-  y = jax.lax.fori_loop(0, jnp.sum(counts > 0), body, jnp.zeros_like(x))
+  # A static trip count (every local expert) keeps the loop reverse-differentiable under jit.
+  y = jax.lax.fori_loop(0, e_loc, body, jnp.zeros_like(x))
   return y, jnp.sum(jnp.where(counts > 0, size_arr[size_of], 0))
 
 
