@@ -22,8 +22,9 @@ Layout for speed (XLA:CPU): a model whose layers run unrolled is given to the pr
 its layer groups unstacked (`stack.unstack_groups`), and the rows keep a per-layer KV cache
 (`init_cache(per_layer=True)`). In the stacked form every decode step would copy each layer's
 weights and cache out of the stacked arrays (a slice is a copy, and `while` keeps slices of
-its invariants in the body) and stack the cache again. The unstacked weights are a copy, made
-once per version of the weights (`Unstacked`: kept while the arrays it was made from live).
+its invariants in the body) and stack the cache again. The unstacked weights are a copy (one
+more copy of the layer weights in memory), made once per version of the weights (`Unstacked`:
+kept while the arrays it was made from live).
 """
 
 from __future__ import annotations
