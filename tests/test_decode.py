@@ -54,7 +54,7 @@ def test_cached_decode_equals_full_forward(pattern):
   np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
   if "sparse" in pattern:  # sparse layers keep a ring of the window and of max_globals.
     sub0 = cache.layers[0]
-    assert sub0["k"].shape[2] == 6 and sub0["gk"].shape[2] == 2
+    assert sub0["k"].shape[-1] == 6 and sub0["gk"].shape[-1] == 2  # [R, B, K, Dh, S]
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -76,6 +76,34 @@ def test_default_moe_decode_equals_full_forward(batch):
   for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
     logits, cache, dropped = forward(state, toks[:, a:b], cache)
     assert float(dropped) == 0.0
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("pattern", [("full",), ("sparse", "full")])
+def test_cache_prefix_reads_equal_full_forward(pattern, monkeypatch):
+  """Attention over the cache reads only the shortest prefix (S, S / 2, ..) that holds every
+  visible key. With MIN_CACHE_PREFIX lowered to 2, a 32-slot cache takes every prefix in turn
+  as the rows grow (row 1 left-padded): decoding still equals the full forward pass."""
+  from qwen3_jax.model import sparse_attention
+
+  monkeypatch.setattr(sparse_attention, "MIN_CACHE_PREFIX", 2)
+  cfg = _cfg(pattern)
+  graphdef, state = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(1)))
+  toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L)))
+  seg = np.ones((2, L), np.int32)
+  seg[1, :PAD] = 0
+  seg = jnp.asarray(seg)
+
+  @jax.jit(compiler_options=FAST)
+  def forward(state, toks, seg, cache):
+    out = nnx.merge(graphdef, state)(toks, segment_ids=seg, cache=cache)
+    return out.logits, out.cache
+
+  want, _ = forward(state, toks, seg, None)
+  cache, got = init_cache(cfg, 2, 32), []
+  for a, b in [(0, 3), (3, 4)] + [(t, t + 1) for t in range(4, L)]:
+    logits, cache = forward(state, toks[:, a:b], seg[:, a:b], cache)
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=2e-5)
 
@@ -205,12 +233,12 @@ def test_decode_with_fewer_kv_heads_than_tensor_equals_full_forward():
   off_mesh = init_cache(cfg, 2, 8)  # K = 2 heads: wrong for the tensor=4 mesh
   with sharding.use_mesh(mesh):
     cache, got = init_cache(cfg, 2, 8), []
-    assert cache.layers[1]["k"].shape == (1, 2, 8, 4, cfg.head_dim)  # [R, B, S, K * 2, Dh]
+    assert cache.layers[1]["k"].shape == (1, 2, 4, cfg.head_dim, 8)  # [R, B, K * 2, Dh, S]
     for a, b in [(0, 4), (4, 5), (5, 6), (6, 7)]:
       logits, cache = step(state, toks[:, a:b], cache)
       got.append(logits)
     k = cache.layers[1]["k"]
-    assert k.sharding.shard_shape(k.shape)[3] == 1  # one (repeated) kv head per tensor shard
+    assert k.sharding.shard_shape(k.shape)[2] == 1  # one (repeated) kv head per tensor shard
     with pytest.raises(ValueError, match="holds 2 kv heads"):
       jax.eval_shape(step, state, toks[:, :1], off_mesh)
   got = np.concatenate(got, 1)

@@ -2,6 +2,8 @@
 own log-probs of a completion, `transformers` `generate()`, and its own runs alone vs batched
 vs sharded (sampling must not depend on the batch slot, the other rows or the mesh)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,3 +313,24 @@ def test_padded_vocab_ids_are_never_generated(tok):
   greedy, sampled = eng.generate(reqs)
   assert greedy[0].token_ids == [0, 0, 0]
   assert max(sampled[0].token_ids) < 130
+
+
+def test_decode_loop_reads_weights_and_cache_in_place(tok):
+  """The compiled decode loop of a full-attention model copies no KV-cache buffer (each step
+  writes its token in place: no copy, no re-stacking) and slices no layer's weights out of the
+  stacked parameters (the layer groups are unstacked once per version of the weights)."""
+  model = Qwen3(C.tiny(vocab_size=VOCAB, num_hidden_layers=4), rngs=nnx.Rngs(0))
+  eng = Engine(model, tok)
+  sess = eng.session(batch_size=2, max_len=512)
+  decode = eng.programs[2]
+  graphdef, state = decode.unstacked(nnx.state(model))
+  hlo = decode.program.lower(graphdef, state, sess.rows, sess.prog).compile().as_text()
+  made = re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} ([\w-]+)\(", hlo)  # (shape, op)
+  shape = lambda x: ",".join(map(str, x.shape))  # noqa: E731
+  cache = {shape(x) for x in jax.tree.leaves(sess.rows.cache) if x.ndim == 4}
+  layer = {shape(x[0]) for x in jax.tree.leaves(nnx.state(model.layers)) if x.ndim >= 3}
+  assert len(cache) == 2 and len(layer) == 6  # keys [B, K, Dh, S], values [B, K, S, Dh]
+  cache_ops = {op for s, op in made if s in cache}
+  assert cache_ops <= {"parameter", "get-tuple-element", "scatter", "fusion"}, cache_ops
+  layer_ops = {op for s, op in made if s in layer}
+  assert layer_ops <= {"parameter", "get-tuple-element"}, layer_ops

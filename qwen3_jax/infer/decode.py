@@ -17,12 +17,21 @@ Thinking budget (Qwen3): `think` tracks each row's `<think>` block (0 not opened
 2 closed); once an open block holds `budget` tokens, the next tokens are forced to
 `Program.forced` (the early-stop text, which closes the block) instead of sampled, and the row
 goes on with its answer. Forced tokens are flagged in the output (not policy samples).
+
+Layout for speed (XLA:CPU): a model whose layers run unrolled is given to the programs with
+its layer groups unstacked (`stack.unstack_groups`), and the rows keep a per-layer KV cache
+(`init_cache(per_layer=True)`). In the stacked form every decode step would copy each layer's
+weights and cache out of the stacked arrays (a slice is a copy, and `while` keeps slices of
+its invariants in the body) and stack the cache again. The unstacked weights are a copy (one
+more copy of the layer weights in memory), made once per version of the weights (`Unstacked`:
+kept while the arrays it was made from live).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +40,7 @@ from flax import nnx
 from qwen3_jax.infer.sampling import RowParams, add_counts, sample
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.kv_cache import KVCache
+from qwen3_jax.model.stack import unstack_groups
 from qwen3_jax.sharding import constrain
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # Rows.finish: still going, hit an EOS id, hit a limit.
@@ -133,7 +143,7 @@ def init_rows(cfg, prog: Program, batch: int, max_len: int, params: RowParams) -
   full = lambda v: jnp.full((batch,), v, jnp.int32)  # noqa: E731  (distinct buffers: donated)
   return constrain_rows(
     Rows(
-      cache=kv_cache.init_cache(cfg, batch, max_len),
+      cache=kv_cache.init_cache(cfg, batch, max_len, per_layer=not cfg.scanned),
       next_token=full(0),
       active=jnp.zeros((batch,), bool),
       finish=full(RUNNING),
@@ -221,17 +231,22 @@ def decode(graphdef, state, rows: Rows, prog: Program) -> tuple[Rows, Output]:
     steps_run=jnp.zeros((), jnp.int32),
   )
 
+  model = nnx.merge(graphdef, state)
+
   def body(carry):
     rows, out = carry
     i = out.steps_run
-    model = nnx.merge(graphdef, state)
     active = rows.active
     res = model(rows.next_token[:, None], cache=rows.cache, num_tokens=active.astype(jnp.int32))
     logits = res.logits[:, 0]  # [B, V] float32
     s = sample(logits, rows.params, rows.generated, rows.counts, n)
     forcing = rows.force >= 0
     tok = jnp.where(forcing, forced_ids[jnp.maximum(rows.force, 0)], s.token)
-    lp = jnp.where(forcing, _logprob_at(logits, rows.params.temperature, tok), s.logprob)
+    lp = jax.lax.cond(  # forced tokens are rare: skip the [B, V] log-softmax without them
+      jnp.any(forcing),
+      lambda: jnp.where(forcing, _logprob_at(logits, rows.params.temperature, tok), s.logprob),
+      lambda: s.logprob,
+    )
     think, think_len, force = _think_update(rows, prog, tok, forcing, active)
     generated = rows.generated + active
     counts = add_counts(rows.counts, tok, active)
@@ -267,12 +282,67 @@ def decode(graphdef, state, rows: Rows, prog: Program) -> tuple[Rows, Output]:
   return jax.lax.while_loop(cond, body, (rows, empty))
 
 
+class Unstacked:
+  """state -> (graphdef, state) of the model in the programs' layout (module docstring).
+
+  The unstacked copy is remembered for the arrays it was made from: while the same (live,
+  not deleted) arrays come back, it is reused; a new version of the weights (a train step
+  makes new arrays) replaces it. Models whose layers run as a scan are passed through.
+  """
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+    self.sources: tuple = ()  # weak references to the leaves the copy was made from
+    self.value = None
+
+  def __call__(self, state):
+    leaves = jax.tree.leaves(state)
+    if self.value is not None and len(leaves) == len(self.sources):
+      if all(r() is x and not _deleted(x) for r, x in zip(self.sources, leaves, strict=True)):
+        return self.value
+    self.value, self.sources = None, ()
+    model = nnx.merge(self.graphdef, state)
+    if model.cfg.scanned:
+      return self.graphdef, state
+    model.layers = unstack_groups(model.layers, model.cfg)
+    value = nnx.split(model)
+    try:
+      self.sources = tuple(weakref.ref(x, self._forget) for x in leaves)
+    except TypeError:  # a leaf that takes no weak reference: no reuse
+      return value
+    self.value = value
+    return value
+
+  def _forget(self, _):
+    self.value, self.sources = None, ()
+
+
+def _deleted(x) -> bool:
+  return isinstance(x, jax.Array) and x.is_deleted()
+
+
+class _WithModel:
+  """fn(state, *args) = program(*unstacked(state), *args); `_cache_size` is the program's."""
+
+  def __init__(self, unstacked: Unstacked, program):
+    self.unstacked, self.program = unstacked, program
+
+  def __call__(self, state, *args):
+    graphdef, state = self.unstacked(state)
+    return self.program(graphdef, state, *args)
+
+  def _cache_size(self) -> int:
+    return self.program._cache_size()
+
+
 @functools.cache
 def compiled(graphdef):
-  """The three jitted programs for one model structure (jit caches one executable per
-  bucket shape; rows are donated, so a step updates the cache in place)."""
+  """The three programs for one model structure: admit(rows, ...), prefill(state, rows, ...),
+  decode(state, rows, prog) (jit caches one executable per bucket shape; rows are donated, so
+  a step updates the cache in place)."""
+  unstacked = Unstacked(graphdef)
   return (
     jax.jit(admit, donate_argnums=(0,)),
-    jax.jit(functools.partial(prefill, graphdef), donate_argnums=(1,)),
-    jax.jit(functools.partial(decode, graphdef), static_argnums=(2,), donate_argnums=(1,)),
+    _WithModel(unstacked, jax.jit(prefill, static_argnums=(0,), donate_argnums=(2,))),
+    _WithModel(unstacked, jax.jit(decode, static_argnums=(0, 3), donate_argnums=(2,))),
   )

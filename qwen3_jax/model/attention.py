@@ -25,6 +25,7 @@ from qwen3_jax.model.layers import RMSNorm, linear, param, rope
 from qwen3_jax.model.sparse_attention import (
   INF_SPAN,
   NEG_INF,
+  cache_attention,
   chunk_meta,
   dense_attention,
   merge,
@@ -288,17 +289,25 @@ class Attention(nnx.Module):
     else:
       out, lse = dense_attention(q, k, v, q_meta, k_meta, w, m)
     if cache is not None:
-      if cache["k"].shape[2] != k.shape[2]:
+      if cache["k"].shape[1] != k.shape[2]:  # cache keys [B, K, Dh, S]
         raise ValueError(
-          f"the KV cache holds {cache['k'].shape[2]} kv heads per layer but attention uses "
+          f"the KV cache holds {cache['k'].shape[1]} kv heads per layer but attention uses "
           f"{k.shape[2]} under this mesh (num_key_value_heads={cfg.num_key_value_heads}, "
           "repeated when the tensor axis is larger): build it with init_cache under this mesh"
         )
-      ck, cv, c_meta = kv_cache.key_meta(cache, layout.row_start)
-      out_c, lse_c = dense_attention(q, ck, cv, q_meta, c_meta, w, m)
+      args = (k[:, :l], v[:, :l], seg[:, :l], k[:, l:], v[:, l:], seg[:, l:], layout)
+      # A full layer's cache keeps every token, so the chunk can be written first and the
+      # older entries read after (the chunk's own are masked): XLA:CPU then updates the cache
+      # in place. Reading first and writing after makes it copy the whole cache (twice, at
+      # every decode step). A sparse layer's ring may evict what the chunk still needs.
+      write_first = self.kind == "full"
+      if write_first:
+        cache = kv_cache.write(cache, *args)
+      written = layout.num_tokens if write_first else 0
+      ck, cv, c_meta = kv_cache.key_meta(cache, layout.row_start, written)
+      out_c, lse_c = cache_attention(q, ck, cv, q_meta, c_meta, w, m)
       out, _ = merge(out, lse, out_c, lse_c)
-      cache = kv_cache.write(
-        cache, k[:, :l], v[:, :l], seg[:, :l], k[:, l:], v[:, l:], seg[:, l:], layout
-      )
+      if not write_first:
+        cache = kv_cache.write(cache, *args)
     out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", None))
     return linear(out, c(self.o_proj), n_in=2), cache

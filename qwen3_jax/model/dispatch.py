@@ -9,6 +9,8 @@ of weight * expert(x). They differ only in how slots are laid out for the matmul
   dropless_blocks  slots sorted by expert; each expert's group padded to a multiple of a block
                    of b rows; a loop over the *used* blocks multiplies each by its expert's
                    weights (read in place). Exact, static shapes, any backend; the CPU default.
+                   At decode sizes (a few slots per expert) it runs one block per hit expert
+                   instead, of the expert's own row count rounded up to a power of two.
   dropless_ragged  slots sorted by expert, grouped matmuls with `jax.lax.ragged_dot`. Exact;
                    the GPU/TPU default (XLA:CPU runs ragged_dot 10-100x slower than einsum).
   capacity         slots sorted into [E, C, D] buffers, C = ceil(cf * T * k / E); slots past C
@@ -196,6 +198,8 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
   d = x.shape[-1]
   e_loc = wg.shape[0]
   s = t * k
+  if block is None and s <= FEW_SLOTS_PER_EXPERT * e_loc:
+    return expert_rows_dispatch(x, ids, weights, active, w, expert_offset)
   b = block or block_size(s, e_loc)
   nb = num_blocks(s, e_loc, b)
   local, keep = local_choices(ids, active, expert_offset, e_loc)
@@ -217,6 +221,59 @@ def block_dispatch(x, ids, weights, active, w, expert_offset=0, block=None):
   out = expert_blocks(xs, wg, wu, wd, block_expert.astype(jnp.int32), n_used, b)  # [NB*b, D]
   row_of_slot = jnp.minimum(to_slots(order, row_sorted.astype(jnp.int32), k), nb * b - 1)
   return combine(weights, keep, out[row_of_slot], x.dtype), n_used * b
+
+
+# Up to this many routed slots per (local) expert on average, `block_dispatch` runs
+# `expert_rows_dispatch` (decode steps: T = batch tokens).
+FEW_SLOTS_PER_EXPERT = 4
+
+
+def expert_rows_dispatch(x, ids, weights, active, w, expert_offset=0):
+  """Dropless MoE for a few tokens (a decode step): each hit expert runs once, on its rows.
+
+  A loop over the (local) experts: expert e with c_e > 0 routed slots multiplies them as one
+  block of m_e rows, m_e = the smallest power of two >= c_e (a `lax.switch` over the static
+  sizes 1, 2, 4, .. >= T; an expert gets at most T slots; experts without slots take an empty
+  branch). So each hit expert's weights are read once and at most 2 c_e - 1 rows are computed.
+  At decode sizes this beats fixed blocks, which either pad every expert to b rows or read an
+  expert's weights once per block. Exact; plain autodiff (no custom VJP: not a training path).
+
+  Args / returns: as `block_dispatch` (rows computed = sum_e m_e).
+  """
+  wg, wu, wd = w
+  t, k = ids.shape
+  e_loc = wg.shape[0]
+  sizes = [1 << i for i in range(max(t - 1, 0).bit_length() + 1)]  # 1, 2, .., >= T
+  local, keep = local_choices(ids, active, expert_offset, e_loc)
+  order, _, counts, starts = sort_slots(local, keep, e_loc)
+  pad = sizes[-1]  # reads past the last expert's slots stay in range
+  token = jnp.concatenate([order % t, jnp.full((pad,), t, order.dtype)])  # [S + pad]
+  slot_w = jnp.where(keep, weights, 0.0).T.reshape(-1)[order]  # choice-major, as `order`
+  slot_w = jnp.concatenate([slot_w, jnp.zeros((pad,), slot_w.dtype)]).astype(x.dtype)
+  xp = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])  # row T: zeros
+
+  def run(m):
+    def branch(y, e, start, c):
+      valid = jnp.arange(m) < c
+      tok = jnp.where(valid, jax.lax.dynamic_slice_in_dim(token, start, m), t)  # [m]
+      wr = jnp.where(valid, jax.lax.dynamic_slice_in_dim(slot_w, start, m), 0)
+      g, u = jnp.split(_gate_up(xp[tok], wg, wu, e), 2, axis=-1)  # [m, F] each
+      out = ((jax.nn.silu(g) * u) @ wd[e]) * wr[:, None]  # [m, D]
+      return y.at[tok].add(out, mode="drop")  # row T (padding) dropped
+
+    return branch
+
+  branches = [lambda y, e, start, c: y] + [run(m) for m in sizes]  # 0: no slot
+  size_arr = jnp.asarray(sizes, jnp.int32)
+  size_of = jnp.searchsorted(size_arr, counts, side="left")  # [E] index of m_e in sizes
+  which = jnp.where(counts > 0, size_of + 1, 0)
+
+  def body(e, y):
+    return jax.lax.switch(which[e], branches, y, e, starts[e], counts[e])
+
+  # A static trip count (every local expert) keeps the loop reverse-differentiable under jit.
+  y = jax.lax.fori_loop(0, e_loc, body, jnp.zeros_like(x))
+  return y, jnp.sum(jnp.where(counts > 0, size_arr[size_of], 0))
 
 
 def _gate_up(xb, wg, wu, e):

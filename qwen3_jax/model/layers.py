@@ -52,8 +52,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   dh = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  # Materialised once: fused into the product, XLA:CPU recomputes cos and sin per head.
+  cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

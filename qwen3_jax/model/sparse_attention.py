@@ -126,6 +126,72 @@ def dense_attention(q, k, v, q_meta, k_meta, window, max_globals):
   return out.reshape(b, nq, h, dh), lse.reshape(b, nq, h)
 
 
+# `cache_attention` reads only a prefix of the cache that holds every visible key: the whole
+# cache, or its first S / 2, S / 4, .. slots, down to this many.
+MIN_CACHE_PREFIX = 128
+
+
+def cache_attention(q, kt, v, q_meta, k_meta, window, max_globals):
+  """`dense_attention` against keys and values in the KV cache's layout (`kv_cache.py`).
+
+  The two matmuls read kt and v as stored, batched over (B, K) with the G query heads of a kv
+  head and the Q queries folded into one dim: no [B, S, K, Dh] -> [B, K, .., S] transpose of
+  the cache (which a decode step would otherwise pay for every layer). Only the shortest of
+  the prefixes S, S / 2, S / 4, .. (>= MIN_CACHE_PREFIX) that holds every visible key is read
+  (a `lax.switch`): a full layer's entry i holds slot i, so early in a sequence most of a
+  large cache is never touched.
+
+  Args:
+    q: [B, Q, H, Dh] (already scaled); kt: [B, K, Dh, S] keys; v: [B, K, S, Dh] values;
+    q_meta, k_meta: as for `dense_attention` (S keys).
+  Returns:
+    out [B, Q, H, Dh] float32 (zero for queries with no visible key), lse [B, Q, H] float32
+    (NEG_INF for those).
+  """
+  is_g, *k_rest = k_meta
+  mask = visible(
+    tuple(x[:, :, None] for x in q_meta),
+    (is_g[None, None, :],) + tuple(x[:, None, :] for x in k_rest),
+    window,
+    max_globals,
+  )  # [B, Q, S]
+  s = kt.shape[-1]
+  sizes = [s]
+  while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= MIN_CACHE_PREFIX:
+    sizes.append(sizes[-1] // 2)
+  if len(sizes) == 1:
+    return _attend_cache(q, kt, v, mask)
+  # The last index any query sees, and the number of halvings that still cover it.
+  last = jnp.max(jnp.where(jnp.any(mask, axis=(0, 1)), jnp.arange(s), 0))
+  halvings = jnp.sum(last < jnp.asarray(sizes[1:]))
+  branches = [lambda n=n: _attend_cache(q, kt[..., :n], v[:, :, :n], mask[..., :n]) for n in sizes]
+  return jax.lax.switch(halvings, branches)
+
+
+def _attend_cache(q, kt, v, mask):
+  """The attention of `cache_attention` over all S keys of kt [B, K, Dh, S], v [B, K, S, Dh]
+  with mask [B, Q, S]."""
+  b, nq, h, dh = q.shape
+  kh = kt.shape[1]
+  g = h // kh
+  qt = q.reshape(b, nq, kh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kh, nq * g, dh)
+  logits = jnp.einsum("bkqd,bkds->bkqs", qt, kt, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kh, nq, g, -1)  # [B, K, Q, G, S]
+  m = mask[:, None, :, None, :]
+  logits = jnp.where(m, logits, NEG_INF)
+  mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.exp(logits - mx)  # masked entries: exp(-1e30 - mx) = 0; all-masked rows: 1
+  ssum = jnp.sum(p, axis=-1, keepdims=True)
+  probs = (p / ssum).astype(v.dtype).reshape(b, kh, nq * g, -1)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, kh, nq, g, dh).transpose(0, 2, 1, 3, 4)  # [B, Q, K, G, Dh]
+  lse = (jnp.log(ssum) + mx)[..., 0].transpose(0, 2, 1, 3)  # [B, Q, K, G]
+  any_key = jnp.any(mask, axis=-1)  # [B, Q]
+  out = jnp.where(any_key[..., None, None, None], out, 0.0)
+  lse = jnp.where(any_key[..., None, None], lse, NEG_INF)
+  return out.reshape(b, nq, h, dh), lse.reshape(b, nq, h)
+
+
 def chunk_meta(layout: Layout, seg, gseg):
   """Query and key metadata (see `visible`) of a chunk's real tokens followed by its globals.
 

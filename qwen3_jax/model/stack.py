@@ -4,9 +4,17 @@ The L layers are `repeats` copies of a `LayerGroup` of `period` layers (`period.
 with `nnx.vmap` so each parameter has a leading [R] axis, and run with `jax.lax.scan` over
 that axis (or unrolled, `cfg.scanned=False`), optionally rematerialised (`cfg.remat`). A
 KV cache travels with them: one dict per sub-layer, leaves with the same leading [R] axis.
+
+Programs that run the stack many times in a loop (decoding) unstack it first
+(`unstack_groups`): R groups with their own parameter arrays, run one after the other, with a
+per-layer KV cache (`kv_cache.init_cache(..., per_layer=True)`). A slice of a stacked array is
+a copy on XLA:CPU, and a `while` loop keeps slices of its loop-invariant inputs inside its
+body: the stacked form would copy every layer's weights and cache at every decode step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +93,16 @@ def stacked_groups(cfg: ModelConfig, *, rngs: nnx.Rngs) -> LayerGroup:
   return make_groups(rngs)
 
 
+def unstack_groups(layers: LayerGroup, cfg: ModelConfig) -> list[LayerGroup]:
+  """The R groups of `stacked_groups` as R modules, each with its own parameter arrays (the
+  slices [r] of the stacked ones: copies). `run_stack` runs such a list in order."""
+  graphdef, state = nnx.split(layers)
+  repeats = cfg.num_hidden_layers // layer_period(cfg)
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], state)) for r in range(repeats)]
+
+
 def run_stack(
-  layers: LayerGroup,
+  layers: LayerGroup | Sequence[LayerGroup],
   cfg: ModelConfig,
   x: jax.Array,
   positions: jax.Array,
@@ -94,16 +110,20 @@ def run_stack(
   layout: Layout,
   caches=None,
 ):
-  """Runs the stacked groups of `stacked_groups` over x in layer order.
+  """Runs the stacked groups of `stacked_groups` (or the list of `unstack_groups`) over x in
+  layer order.
 
   Args:
     x: [B, L + Ng, D]; positions, segment_ids: [B, L + Ng]; layout: the chunk's `Layout`.
-    caches: `KVCache.layers` (one dict per sub-layer, leaves [R, ...]) or None.
+    caches: `KVCache.layers` or None: one dict per sub-layer, leaves [R, ...], for stacked
+      groups; one dict per layer (layer order, no [R] axis) for a list of groups.
   Returns:
     (x, (auxes, caches)): auxes a list (per MoE sub-layer of the group) of dicts of [R, ...]
     statistics, empty without MoE layers; caches updated like `caches` (None without).
   """
   repeats = cfg.num_hidden_layers // layer_period(cfg)
+  if not isinstance(layers, LayerGroup):
+    return _run_groups(layers, cfg, x, positions, segment_ids, layout, caches)
   graphdef, state = nnx.split(layers)
 
   def body(x, xs):  # per-sub-layer caches travel through the scan as xs / ys
@@ -123,3 +143,17 @@ def run_stack(
   auxes = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else []
   new = None if caches is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[1] for o in outs])
   return x, (auxes, new)
+
+
+def _run_groups(groups, cfg, x, positions, segment_ids, layout, caches):
+  """`run_stack` over unstacked groups, with per-layer caches (no stacking: each layer's
+  cache is its own buffer, updated in place when donated)."""
+  period = layer_period(cfg)
+  auxes, new = [], []
+  for r, group in enumerate(groups):
+    group_caches = None if caches is None else tuple(caches[r * period : (r + 1) * period])
+    x, (aux, group_caches) = group(x, positions, segment_ids, layout, group_caches)
+    auxes.append(aux)
+    new.extend(group_caches or ())
+  auxes = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else []
+  return x, (auxes, None if caches is None else tuple(new))
