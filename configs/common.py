@@ -17,6 +17,8 @@ from qwen3_jax.train.config import OptimConfig, TrainConfig
 # Flat fields every training config must set (see TrainConfig for their meaning).
 REQUIRED = ("num_steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "seed")
 NESTED = ("model", "optim", "data", "mesh")
+# DataConfig tuple fields, held in a ConfigDict as comma-separated strings (flag-friendly).
+TUPLE_DATA_FIELDS = ("sources", "task_families")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -48,7 +50,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   d = {**dataclasses.asdict(DataConfig()), **overrides}
-  d["sources"] = ",".join(d["sources"]) if not isinstance(d["sources"], str) else d["sources"]
+  for k in TUPLE_DATA_FIELDS:
+    d[k] = d[k] if isinstance(d[k], str) else ",".join(d[k])
   return ml_collections.ConfigDict(d)
 
 
@@ -79,8 +82,9 @@ def to_train_config(cd: ml_collections.ConfigDict) -> TrainConfig:
   model = C.from_dict(d.pop("model"))
   optim = _build(OptimConfig, d.pop("optim"), "optim")
   data = dict(d.pop("data"))
-  src = data.get("sources", ())
-  data["sources"] = tuple(s for s in src.split(",") if s) if isinstance(src, str) else tuple(src)
+  for k in TUPLE_DATA_FIELDS:
+    v = data.get(k, ())
+    data[k] = tuple(s for s in v.split(",") if s) if isinstance(v, str) else tuple(v)
   data = _build(DataConfig, data, "data")
   mesh = _build(C.MeshConfig, d.pop("mesh"), "mesh")
   return _build(

@@ -14,6 +14,7 @@ from configs import common
 SIZES = {
   "tiny": dict(vocab=512, seq_len=128, batch=16, lr=3e-3),
   "small": dict(vocab=8192, seq_len=256, batch=16, lr=1e-3),
+  "mini": dict(vocab=1024, seq_len=512, batch=16, lr=3e-3),
 }
 LARGE = dict(vocab=151936, seq_len=4096, batch=512, lr=3e-4)
 

@@ -321,6 +321,26 @@ def small(**kw) -> ModelConfig:
   return dataclasses.replace(base, **kw)
 
 
+def mini(**kw) -> ModelConfig:
+  """The `make run` post-training recipe on 2 CPU cores: vocab 1024, hidden 192, 4 layers,
+  6 q / 2 kv heads, E8 k2 F192 (4.3M parameters, 1.7M active)."""
+  base = ModelConfig(
+    vocab_size=1024,
+    hidden_size=192,
+    intermediate_size=512,
+    moe_intermediate_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=32,
+    rope_theta=1e4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    router_aux_loss_coef=0.01,
+  )
+  return dataclasses.replace(base, **kw)
+
+
 def qwen3_30b_a3b(**kw) -> ModelConfig:
   """Qwen3-30B-A3B as in its Hugging Face config."""
   base = ModelConfig(
@@ -391,6 +411,7 @@ def qwen3_max_like(**kw) -> ModelConfig:
 PRESETS = {
   "tiny": tiny,
   "small": small,
+  "mini": mini,
   "qwen3_30b_a3b": qwen3_30b_a3b,
   "qwen3_235b_a22b": qwen3_235b_a22b,
   "qwen3_max_like": qwen3_max_like,

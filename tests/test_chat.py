@@ -329,7 +329,7 @@ def _qwen_style_tokenizer(texts):
 
 @pytest.fixture(scope="module")
 def tokenizers_used():
-  texts = corpus.reasoning_transcripts(200, seed=0) + ["def f(x):\n\n  return x + 1\n"] * 20
+  texts = corpus.task_transcripts(200, seed=0) + ["def f(x):\n\n  return x + 1\n"] * 20
   texts += ["a\n\n\n\nb\n\n\n\n" * 20] * 20  # so that runs of newlines merge into one token
   return {"trained": T.train_tokenizer(texts, 400), "qwen_style": _qwen_style_tokenizer(texts)}
 

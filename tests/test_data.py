@@ -14,7 +14,7 @@ from qwen3_jax.data import tokenizer as T
 
 @pytest.fixture(scope="module")
 def tok():
-  texts = corpus.reasoning_transcripts(200, seed=0) + ["def f(x):\n  return x + 1\n"] * 20
+  texts = corpus.task_transcripts(200, seed=0) + ["def f(x):\n  return x + 1\n"] * 20
   return T.train_tokenizer(texts, 400)
 
 
@@ -29,6 +29,15 @@ def test_tokenizer_special_tokens_and_roundtrip(tok, tmp_path):
   assert T.load_tokenizer(str(tmp_path)).get_vocab() == tok.get_vocab()
   with pytest.raises(ValueError, match="at least 265"):
     T.train_tokenizer(["abc"], 100)
+
+
+def test_tokenizer_spells_numbers_digit_by_digit(tok):
+  """Like Qwen3's tokenizer: no multi-digit token, however often a number occurs."""
+  text = "What is 123 + 4567 * 89? 1000000 2026-02-08"
+  enc = tok.encode(text)
+  digit_tokens = [t for t in enc.tokens if any(ch.isdigit() for ch in t)]
+  assert digit_tokens and all(len(t) == 1 for t in digit_tokens), enc.tokens
+  assert tok.decode(enc.ids) == text
 
 
 def test_tokenizer_without_special_tokens_fails(tmp_path):
@@ -199,13 +208,13 @@ def test_batches_seeded_epochs_process_shards_and_state():
 
 
 def test_reasoning_tasks_are_correct():
-  texts = corpus.reasoning_transcripts(40, seed=3)
-  for task, text in zip(corpus.reasoning_tasks(40, seed=3), texts, strict=True):
+  texts = corpus.task_transcripts(40, seed=3)
+  for task, text in zip(corpus.corpus_tasks(40, seed=3), texts, strict=True):
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n")
     assert re.search(r"user\n(.*?)<\|im_end\|>", text, re.S).group(1) == task.prompt
     reply = text.split("<|im_start|>assistant\n")[1]
     assert "<think>" in reply and tasks.reward(task, reply) == 1.0
-  assert {t.family for t in corpus.reasoning_tasks(40, seed=3)} == set(tasks.reasoning_families)
+  assert {t.family for t in corpus.corpus_tasks(40, seed=3)} == set(tasks.reasoning_families)
 
 
 def test_embedded_corpus_has_code_and_chats():

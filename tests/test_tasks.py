@@ -393,7 +393,7 @@ def test_corpus_has_no_heldout_prompt():
     for t in tasks.make_split(f, "heldout", 150, tasks.LEVELS, seed=seed)
   }
   for seed in (0, 1):
-    texts = corpus.reasoning_transcripts(800, seed=seed)
+    texts = corpus.task_transcripts(800, seed=seed)
     prompts = [re.search(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", t, re.S).group(1) for t in texts]
     assert all(tasks.split_of(p) == "train" for p in prompts)
     assert not set(prompts) & held
@@ -403,3 +403,17 @@ def test_corpus_has_no_heldout_prompt():
   for d in chats:
     prompt = d.split("\n", 1)[1].split("<|im_end|>")[0]
     assert tasks.split_of(prompt) == "train" and prompt not in held
+
+
+def test_corpus_of_every_family_has_tool_transcripts_and_no_heldout_prompt():
+  """`families` adds the format and tool families (tool transcripts: the tools block in the
+  system turn, calls and responses), still from the train split only."""
+  docs = corpus.embedded_corpus(max_bytes=20_000, num_tasks=70, families=tasks.FAMILIES)
+  chats = [d for d in docs if "<|im_start|>user" in d]
+  assert len(chats) == 70
+  prompts = [re.search(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", d, re.S).group(1) for d in chats]
+  assert all(tasks.split_of(p) == "train" for p in prompts)
+  with_tools = [d for d in chats if "<tools>" in d]
+  assert len(with_tools) == 20 and all("<tool_response>" in d for d in with_tools)
+  with pytest.raises(ValueError, match="unknown task families"):
+    corpus.embedded_corpus(max_bytes=20_000, num_tasks=7, families=("arithmetic", "chess"))

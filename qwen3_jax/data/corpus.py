@@ -14,7 +14,7 @@ import itertools
 import os
 import sysconfig
 
-from qwen3_jax.data import chat, tasks
+from qwen3_jax.data import tasks
 
 
 def stdlib_documents(max_bytes: int) -> list[str]:
@@ -46,25 +46,31 @@ def stdlib_documents(max_bytes: int) -> list[str]:
 # ----------------------------------------------------------------------------- tasks
 
 
-def reasoning_tasks(n: int, seed: int) -> list[tasks.Task]:
-  """`n` tasks of the reasoning families (`tasks.reasoning_families`, taken in turn, levels
-  1-4 in turn), all from the train split: no held-out prompt ever reaches the corpus."""
-  names = tasks.reasoning_families
+def corpus_tasks(n: int, seed: int, families: tuple[str, ...] = ()) -> list[tasks.Task]:
+  """`n` tasks of `families` (default `tasks.reasoning_families`; taken in turn, levels 1-4
+  in turn), all from the train split: no held-out prompt ever reaches the corpus."""
+  names = tuple(families) or tasks.reasoning_families
+  unknown = sorted(set(names) - set(tasks.FAMILIES))
+  if unknown:
+    raise ValueError(f"unknown task families {unknown}; known: {sorted(tasks.FAMILIES)}")
   per = -(-n // len(names))
   lists = [tasks.make_split(f, "train", per, tasks.LEVELS, seed, unique=False) for f in names]
   return [lists[i % len(names)][i // len(names)] for i in range(n)]
 
 
-def reasoning_transcripts(n: int, seed: int) -> list[str]:
-  """`n` chat transcripts of `reasoning_tasks`: the prompt, then the gold reply with its
+def task_transcripts(n: int, seed: int, families: tuple[str, ...] = ()) -> list[str]:
+  """`n` chat transcripts of `corpus_tasks`: the prompt, then the gold reply with its
   worked reasoning in a <think> block."""
-  return [chat.render(tasks.messages(t)) for t in reasoning_tasks(n, seed)]
+  return [tasks.render_gold(t) for t in corpus_tasks(n, seed, families)]
 
 
-def embedded_corpus(max_bytes: int, num_tasks: int, seed: int = 0) -> list[str]:
-  """Stdlib sources with a batch of task transcripts after each file (deterministic)."""
+def embedded_corpus(
+  max_bytes: int, num_tasks: int, seed: int = 0, families: tuple[str, ...] = ()
+) -> list[str]:
+  """Stdlib sources with a batch of task transcripts (of `families`, default the reasoning
+  ones) after each file (deterministic)."""
   code = stdlib_documents(max_bytes)
-  chats = reasoning_transcripts(num_tasks, seed)
+  chats = task_transcripts(num_tasks, seed, families)
   per = max(1, -(-len(chats) // max(len(code), 1)))
   chunks = [chats[i : i + per] for i in range(0, len(chats), per)]
   docs = []

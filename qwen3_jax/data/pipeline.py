@@ -55,7 +55,8 @@ class DataConfig:
   tokenizer: str = ""  # tokenizer.json path or dir; "" = train one on the data (saved in workdir).
   vocab_size: int = 512  # Size of a tokenizer trained here (ignored when one is given).
   max_corpus_bytes: int = 2_000_000  # Embedded corpus: stdlib source bytes to use.
-  num_tasks: int = 4000  # Embedded corpus: generated reasoning transcripts.
+  num_tasks: int = 4000  # Embedded corpus: generated task transcripts (gold replies).
+  task_families: tuple[str, ...] = ()  # Embedded corpus: their families; () = reasoning ones.
   text_key: str = "text"  # JSONL: field with plain text (or "messages" with a chat list).
   loss_on: str = "all"  # all | assistant: which target tokens count in the loss.
   eval_fraction: float = 0.02  # Rows held out for evaluation.
@@ -81,7 +82,10 @@ class DataConfig:
 def read_documents(cfg: DataConfig, seed: int = 0) -> list[list[tuple[str, bool]]]:
   """Documents as lists of `(text, trainable)` pieces."""
   if not cfg.sources:
-    return [[(t, True)] for t in embedded_corpus(cfg.max_corpus_bytes, cfg.num_tasks, seed)]
+    return [
+      [(t, True)]
+      for t in embedded_corpus(cfg.max_corpus_bytes, cfg.num_tasks, seed, cfg.task_families)
+    ]
   docs = []
   for path in cfg.sources:
     if not os.path.isfile(path):

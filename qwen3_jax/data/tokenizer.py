@@ -34,14 +34,22 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-  """Trains a byte-level BPE with `SPECIAL_TOKENS` as ids 0..8; deterministic for given texts."""
+  """Trains a byte-level BPE (digits split one per token) with `SPECIAL_TOKENS` as ids 0..8;
+  deterministic for given texts."""
   if vocab_size < MIN_VOCAB:
     raise ValueError(
       f"tokenizer vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
       f"{MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
     )
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  # Every digit is its own token, as in Qwen3's tokenizer: numbers are spelled digit by digit,
+  # never as arbitrary multi-digit merges (arithmetic tasks depend on it).
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ]
+  )
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size,
