@@ -65,10 +65,7 @@ def main(argv):
   result = heldout.evaluate(Engine(model, tok), cfg)
   result["meta"]["source"] = os.path.abspath(f.checkpoint or f.workdir)
   out = f.out or os.path.join(f.workdir or f.checkpoint, "eval.json")
-  png = report.plot_budget(result, os.path.splitext(out)[0] + "_budget.png")
-  result["meta"]["plot"] = png
-  with open(out, "w") as fh:
-    json.dump(result, fh, indent=1)
+  out, png = report.save(result, out)
   print(report.table(result))
   print(f"wrote {out}" + (f" and {png}" if png else " (no budget plot: matplotlib missing)"))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 from qwen3_jax.data import tasks
 
 RUNS = ("think", "no_think", "tool")
@@ -85,3 +88,14 @@ def plot_budget(result: dict, path: str) -> str | None:
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def save(result: dict, out: str) -> tuple[str, str | None]:
+  """Writes the budget plot (`<out without .json>_budget.png`, named in `meta.plot`) and the
+  eval dict as JSON at `out`; returns (json path, png path or None)."""
+  png = plot_budget(result, os.path.splitext(out)[0] + "_budget.png")
+  result["meta"]["plot"] = png
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  return out, png
