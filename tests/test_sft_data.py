@@ -176,3 +176,11 @@ def test_rejection_sampling_keeps_only_verified_answers_with_flags_and_switches(
 def test_rejection_sampling_refuses_tool_tasks():
   with pytest.raises(ValueError, match="tool"):
     fusion.rejection_sample(tasks.make_split("unit_tools", "train", 1, 1, 0), lambda p: [[]])
+
+
+def test_a_record_loss_on_other_than_last_or_all_is_refused(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  row = {"messages": [{"role": "user", "content": "hi"}], "loss_on": "first"}
+  path.write_text(json.dumps(row) + "\n")
+  with pytest.raises(ValueError, match="bad.jsonl:1: record loss_on must be 'last' or 'all'"):
+    pipeline.read_documents(pipeline.DataConfig(sources=(str(path),)))

@@ -210,7 +210,7 @@ def evaluate(engine, cfg: EvalConfig, printer=print) -> dict:
     for ts in drawn.values()
     for t in ts
   ]
-  meta = {**dataclasses.asdict(cfg), "budgets": [b for b in cfg.budgets]}
+  meta = dataclasses.asdict(cfg)
   return {"meta": meta, "summary": summarize(prompts, cfg), "prompts": prompts}
 
 
