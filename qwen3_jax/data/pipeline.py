@@ -20,7 +20,9 @@ A batch holds, all [B, L] int32:
   inputs = row[:-1], targets = row[1:], segment_ids = seg[:-1] (documents numbered 1, 2, ...
   inside each row, 0 = padding; positions restart at each, see `Qwen3.__call__`),
   loss_mask = 1 where the target is in the same document and marked trainable (all tokens
-  for plain text; only assistant turns for chat data with `loss_on="assistant"`).
+  for plain text; only assistant turns for chat data with `loss_on="assistant"`; a chat record
+  with `"loss_on": "last"` trains its final assistant turn only, not the earlier turns it
+  carries as history).
 
 Order: `grain.MapDataset` over the row indices, shuffled with the seed (a new permutation
 every epoch), batched by the *global* batch size. The batch of step s is item s, so the
@@ -117,6 +119,13 @@ def _read_jsonl(path: str, cfg: DataConfig) -> list[list[tuple[str, bool]]]:
           pieces = chat.pieces(rec["messages"], rec.get("tools"))
         except ValueError as e:
           raise ValueError(f"{path}:{n}: bad chat record ({e})") from None
+        if rec.get("loss_on") == "last":  # only the final assistant turn (not its history)
+          last = max((i for i, (_, a) in enumerate(pieces) if a), default=-1)
+          pieces = [(t, a and i == last) for i, (t, a) in enumerate(pieces)]
+        elif rec.get("loss_on") not in (None, "all"):
+          raise ValueError(
+            f"{path}:{n}: record loss_on must be 'last' or 'all', got {rec['loss_on']!r}"
+          )
         docs.append([(t, a or cfg.loss_on == "all") for t, a in pieces])
       elif cfg.text_key in rec:
         docs.append([(str(rec[cfg.text_key]), True)])
