@@ -194,9 +194,9 @@ def _step_cfg(cfg):
 @pytest.fixture(scope="module")
 def init_dir(tok_path, tmp_path_factory):
   """A previous stage's checkpoint: `save_params` of a random tiny model (the stage configs'
-  `model=tiny`) with its tokenizer.json."""
+  `model=tiny`, one layer) with its tokenizer.json."""
   path = str(tmp_path_factory.mktemp("stage_prev"))
-  model_cfg = common.to_rl_config(stage2_reasoning_rl.get_config("model=tiny")).train.model
+  model_cfg = _one_layer()
   ckpt.save_params(path, Qwen3(model_cfg, rngs=nnx.Rngs(1)), model_cfg)
   with open(tok_path) as src, open(os.path.join(path, "tokenizer.json"), "w") as dst:
     dst.write(src.read())
@@ -205,12 +205,13 @@ def init_dir(tok_path, tmp_path_factory):
 
 @pytest.mark.parametrize("module", [stage2_reasoning_rl, stage4_general_rl])
 def test_stage_config_runs_two_iterations_from_a_checkpoint(module, init_dir, tmp_path):
-  """The stage config, shrunk (2 prompts x 2 samples, 8 new tokens), runs 2 iterations from
-  the previous stage's checkpoint on a 2 data x 2 expert mesh; its workdir then holds what a
-  later stage's `init_from` reads (params + tokenizer). Stage 4: a k3 KL to the checkpoint,
-  /think and /no_think prompts, a tool task among the prompts."""
+  """The stage config, shrunk (one layer, 2 prompts x 2 samples, 8 new tokens), runs 2
+  iterations from the previous stage's checkpoint on a 2 data x 2 expert mesh; its workdir
+  then holds what a later stage's `init_from` reads (params + tokenizer). Stage 4: a k3 KL
+  to the checkpoint, /think and /no_think prompts, a tool task among the prompts."""
   cd = module.get_config(f"model=tiny,init_from={init_dir},steps=2")
   cd.mesh.data, cd.mesh.expert = 2, 2
+  cd.model.num_hidden_layers = 1
   cd.rl.group_size, cd.rl.prompts_per_step, cd.rl.max_new_tokens = 2, 2, 8
   cfg = common.to_rl_config(cd)
   mesh = shd.make_mesh(cfg.train.mesh, jax.devices()[:4])
