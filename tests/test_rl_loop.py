@@ -294,3 +294,23 @@ def test_reward_terms_by_hand():
   assert rewards.follows_flag(ok, True) and not rewards.follows_flag(ok, False)
   assert rewards.follows_flag("15", False) and not rewards.follows_flag("15", True)
   assert not rewards.follows_flag("<think>\n\n</think>\n\n15", True)  # empty reasoning
+
+
+def test_rl_config_conversion_and_errors():
+  """The stage configs convert (batch = prompts x G, families / levels from comma strings);
+  an unknown rl field, a bad family or a KL without reference fail naming the input."""
+  cfg = common.to_rl_config(stage4_general_rl.get_config("init_from=/prev"))
+  assert cfg.train.batch_size == cfg.rollout.prompts_per_step * cfg.rollout.group_size
+  assert cfg.rollout.families[-1] == "flight_tools" and cfg.rollout.difficulties == (1, 2)
+  assert cfg.objective.beta > 0 and cfg.reference == "/prev" and cfg.rollout.think_flags
+  cd = stage2_reasoning_rl.get_config()
+  cd.rl.unlock()
+  cd.rl.group_sizes = 4
+  with pytest.raises(ValueError, match="unknown rl fields \\['group_sizes'\\]"):
+    common.to_rl_config(cd)
+  cd = stage2_reasoning_rl.get_config()
+  cd.rl.families = "arithmetic,algebra"
+  with pytest.raises(ValueError, match="algebra"):
+    common.to_rl_config(cd)
+  with pytest.raises(ValueError, match="needs a reference"):
+    common.to_rl_config(stage4_general_rl.get_config())
