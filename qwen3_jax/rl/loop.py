@@ -137,26 +137,13 @@ def train_rl(
           policy.state = state.params  # sample from the learner's current weights, in place
         chosen, scores, info = collect(policy, cfg, score, it)
         t_gen = time.time() - t0
-        rewards_n = np.asarray([s["reward"] for s in scores], np.float32)
-        adv = np.asarray(
-          grpo.group_advantages(
-            rewards_n,
-            rc.group_size,
-            scale_by_std=cfg.objective.scale_by_std,
-            eps=cfg.objective.adv_eps,
-          )
-        )
-        seqs = [
-          (r.transcript.token_ids, r.transcript.loss_mask, r.transcript.logprobs) for r in chosen
-        ]
-        host = sequence_batch(seqs, adv, tcfg.seq_len, rows=rows, truncate=True)
+        host, seqs = _host_batch(cfg, chosen, scores, rows)
         batch = {k: jax.device_put(v, prog.batch_shardings[k]) for k, v in host.items()}
-        if recompute or ref_params is not None:
-          if recompute:
-            logp, _ = prog.logprobs(state.params, batch["tokens"], batch["segment_ids"])
-            batch["old_logp"] = jnp.where(batch["loss_mask"] > 0, logp, 0.0)
-          if ref_params is not None:
-            batch["ref_logp"] = prog.logprobs(ref_params, batch["tokens"], batch["segment_ids"])[0]
+        if recompute:  # the step's own forward: an exact ratio of 1 on policy
+          logp, _ = prog.logprobs(state.params, batch["tokens"], batch["segment_ids"])
+          batch["old_logp"] = jnp.where(batch["loss_mask"] > 0, logp, 0.0)
+        if ref_params is not None:
+          batch["ref_logp"] = prog.logprobs(ref_params, batch["tokens"], batch["segment_ids"])[0]
         ms = []
         for _ in range(cfg.ppo_epochs):
           state, m = prog.rl_step(state, batch)
@@ -246,6 +233,19 @@ def collect(policy, cfg: RLRunConfig, score: RewardFn, iteration: int):
     "generated_tokens": generated,
   }
   return [r for grp in groups for r in grp[0]], [s for grp in groups for s in grp[1]], info
+
+
+def _host_batch(cfg: RLRunConfig, chosen, scores, rows: int):
+  """(numpy batch, per-row (ids, mask, logprobs)): group advantages of the rewards, one row
+  per conversation, padded to `rows`, cut at seq_len."""
+  rewards_n = np.asarray([s["reward"] for s in scores], np.float32)
+  obj = cfg.objective
+  adv = grpo.group_advantages(
+    rewards_n, cfg.rollout.group_size, scale_by_std=obj.scale_by_std, eps=obj.adv_eps
+  )
+  seqs = [(r.transcript.token_ids, r.transcript.loss_mask, r.transcript.logprobs) for r in chosen]
+  host = sequence_batch(seqs, np.asarray(adv), cfg.train.seq_len, rows=rows, truncate=True)
+  return host, seqs
 
 
 def _record(m, scores, info, host, seqs, g, epochs, t_gen, t_train) -> dict:
