@@ -1,7 +1,8 @@
 """Shared config pieces and THE function that turns a ConfigDict into library dataclasses.
 
 Config files (`configs/*.py`) return an `ml_collections.ConfigDict` from `get_config(arg)`;
-`to_train_config(cd)` is the only place that reads one, so the library stays typed.
+`to_train_config(cd)` (and `to_rl_config(cd)` for configs with an `rl` section) are the only
+places that read one, so the library stays typed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import ml_collections
 
 from qwen3_jax import config as C
 from qwen3_jax.data.pipeline import DataConfig
+from qwen3_jax.rl.config import RLConfig
+from qwen3_jax.rl.run_config import RewardWeights, RLRunConfig, RolloutConfig
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 
 # Flat fields every training config must set (see TrainConfig for their meaning).
@@ -89,4 +92,51 @@ def to_train_config(cd: ml_collections.ConfigDict) -> TrainConfig:
   mesh = _build(C.MeshConfig, d.pop("mesh"), "mesh")
   return _build(
     TrainConfig, {**d, "model": model, "optim": optim, "data": data, "mesh": mesh}, "top-level"
+  )
+
+
+# RL stages: the `rl` section's keys and where they go (the rest is a training config).
+RL_TOP = ("ppo_epochs", "ref_from", "recompute_old_logp", "rewards")
+
+
+def _seq(value, cast) -> tuple:
+  """'a,b' or a sequence -> tuple of cast(item)."""
+  items = value.split(",") if isinstance(value, str) else value
+  return tuple(cast(x) for x in items if str(x).strip())
+
+
+def to_rl_config(cd: ml_collections.ConfigDict) -> RLRunConfig:
+  """ConfigDict with an `rl` section -> `RLRunConfig` (see configs/stage2_reasoning_rl.py).
+
+  The `rl` section is flat: `RLConfig` fields (the objective), `RolloutConfig` fields,
+  `ppo_epochs`, `ref_from`, `recompute_old_logp`, and a nested `rewards` (`RewardWeights`).
+  `batch_size` is prompts_per_step * group_size.
+  """
+  d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  if "rl" not in d:
+    raise ValueError("an RL config needs an `rl` section")
+  rl = dict(d.pop("rl"))
+  objective_fields = {f.name for f in dataclasses.fields(RLConfig)}
+  rollout_fields = {f.name for f in dataclasses.fields(RolloutConfig)}
+  unknown = sorted(set(rl) - objective_fields - rollout_fields - set(RL_TOP))
+  if unknown:
+    raise ValueError(
+      f"unknown rl fields {unknown}; known: {sorted(objective_fields | rollout_fields)} "
+      f"and {list(RL_TOP)}"
+    )
+  objective = _build(RLConfig, {k: rl[k] for k in objective_fields & set(rl)}, "rl (objective)")
+  ro = {k: rl[k] for k in rollout_fields & set(rl)}
+  if "families" in ro:
+    ro["families"] = _seq(ro["families"], str)
+  if "difficulties" in ro:
+    ro["difficulties"] = _seq(ro["difficulties"], int)
+  rollout = _build(RolloutConfig, ro, "rl (rollout)")
+  rewards = _build(RewardWeights, dict(rl.pop("rewards", {})), "rl.rewards")
+  d["batch_size"] = rollout.prompts_per_step * rollout.group_size
+  train = to_train_config(ml_collections.ConfigDict(d))
+  top = {k: rl[k] for k in ("ppo_epochs", "ref_from", "recompute_old_logp") if k in rl}
+  return _build(
+    RLRunConfig,
+    {"train": train, "objective": objective, "rollout": rollout, "rewards": rewards, **top},
+    "rl",
   )

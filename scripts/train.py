@@ -1,4 +1,5 @@
-r"""Train a Qwen3-MoE model: pretraining or SFT, resuming from --workdir when it has checkpoints.
+r"""Train a Qwen3-MoE model: pretraining, SFT or RL (a config with an `rl` section, e.g.
+configs/stage2_reasoning_rl.py), resuming from --workdir when it has checkpoints.
 
   python scripts/train.py --config=configs/pretrain.py:model=tiny --workdir=/tmp/run \
       [--num_cpu_devices=8] [--config.optim.lr=1e-3] [--config.mesh.expert=4]
@@ -49,13 +50,18 @@ def main(argv):
     else:  # JAX_COORDINATOR_ADDRESS; process count / id auto-detected (SLURM, TPU, k8s, ...)
       jax.distributed.initialize()
 
-  from configs.common import to_train_config
+  from configs.common import to_rl_config, to_train_config
   from qwen3_jax.checkpoint import load_params
   from qwen3_jax.data import chat
   from qwen3_jax.infer.engine import Engine, Request
   from qwen3_jax.infer.sampling import SamplingParams
   from qwen3_jax.train.loop import train
 
+  if "rl" in f.config:
+    from qwen3_jax.rl.loop import train_rl
+
+    train_rl(to_rl_config(f.config), f.workdir)
+    return
   cfg = to_train_config(f.config)
   summary = train(cfg, f.workdir)
   if cfg.sample_tokens and jax.process_index() == 0 and jax.process_count() == 1:

@@ -1,4 +1,5 @@
-"""Engine completions -> the RL step's batch arrays (`rl/step.py`'s RL_BATCH_KEYS)."""
+"""Rollouts (engine completions, tool-loop transcripts) -> the RL step's batch arrays
+(`rl/step.py`'s RL_BATCH_KEYS)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,36 @@ def rollout_batch(
     sampled: forced tokens, such as the thinking-budget early-stop text, are not trained on),
     old_logp (the engine's log-probs on the generated tokens, 0 elsewhere), advantages.
   """
-  n = len(completions)
+  seqs = []
+  for c in completions:
+    p, g = len(c.prompt_ids), len(c.token_ids)
+    forced = np.asarray(c.forced, bool) if c.forced else np.zeros(g, bool)
+    mask = np.concatenate([np.zeros(p, bool), ~forced])
+    logp = np.concatenate([np.zeros(p, np.float32), np.asarray(c.logprobs, np.float32)])
+    seqs.append((list(c.prompt_ids) + list(c.token_ids), mask, logp))
+  return sequence_batch(seqs, advantages, seq_len, rows=rows)
+
+
+def sequence_batch(
+  seqs: Sequence[tuple], advantages, seq_len: int, *, rows: int | None = None, truncate=False
+) -> dict[str, np.ndarray]:
+  """One row per token sequence: `rollout_batch` for any rollout (e.g. a tool-loop
+  `Transcript`'s token_ids, loss_mask, logprobs).
+
+  Args:
+    seqs: per row (token ids [n], loss mask [n] (bool), log-probs [n] of the tokens the
+      policy sampled, anything elsewhere).
+    advantages, seq_len, rows: as in `rollout_batch`.
+    truncate: cut sequences longer than seq_len (their loss on what fits); False = raise.
+
+  Returns:
+    `rollout_batch`'s arrays; old_logp is 0 off the loss mask.
+  """
+  n = len(seqs)
   rows = n if rows is None else rows
   adv = np.asarray(advantages, np.float32)
   if adv.shape != (n,) or rows < n:
-    raise ValueError(f"rollout_batch: {n} completions, advantages {adv.shape}, rows={rows}")
+    raise ValueError(f"sequence_batch: {n} sequences, advantages {adv.shape}, rows={rows}")
   out = {
     "tokens": np.zeros((rows, seq_len), np.int32),
     "segment_ids": np.zeros((rows, seq_len), np.int32),
@@ -38,14 +64,19 @@ def rollout_batch(
     "old_logp": np.zeros((rows, seq_len), np.float32),
     "advantages": np.zeros((rows,), np.float32),
   }
-  for i, c in enumerate(completions):
-    p, g = len(c.prompt_ids), len(c.token_ids)
-    if p + g > seq_len:
-      raise ValueError(f"rollout_batch: completion {i} has {p} + {g} tokens > seq_len={seq_len}")
-    out["tokens"][i, : p + g] = list(c.prompt_ids) + list(c.token_ids)
-    out["segment_ids"][i, : p + g] = 1
-    forced = np.asarray(c.forced, bool) if c.forced else np.zeros(g, bool)
-    out["loss_mask"][i, p : p + g] = ~forced
-    out["old_logp"][i, p : p + g] = c.logprobs
+  for i, (ids, mask, logp) in enumerate(seqs):
+    if not len(ids) == len(mask) == len(logp):
+      raise ValueError(
+        f"sequence_batch: row {i} has {len(ids)} ids, {len(mask)} mask entries "
+        f"and {len(logp)} log-probs"
+      )
+    if len(ids) > seq_len and not truncate:
+      raise ValueError(f"sequence_batch: row {i} has {len(ids)} tokens > seq_len={seq_len}")
+    k = min(len(ids), seq_len)
+    m = np.asarray(mask[:k], bool)
+    out["tokens"][i, :k] = ids[:k]
+    out["segment_ids"][i, :k] = 1
+    out["loss_mask"][i, :k] = m
+    out["old_logp"][i, :k] = np.where(m, np.asarray(logp[:k], np.float32), 0.0)
   out["advantages"][:n] = adv
   return out
