@@ -8,13 +8,22 @@ Args (after the colon, comma-separated): model = a preset of qwen3_jax.config
 """
 
 from configs import common
+from qwen3_jax.data.tasks import FAMILIES
 
 # Per-preset sizes that make a sensible CPU run: vocab of the tokenizer trained here,
 # sequence length, global batch, peak learning rate.
 SIZES = {
   "tiny": dict(vocab=512, seq_len=128, batch=16, lr=3e-3),
   "small": dict(vocab=8192, seq_len=256, batch=16, lr=1e-3),
-  "mini": dict(vocab=1024, seq_len=512, batch=16, lr=3e-3),
+  # The post-training recipe (scripts/recipe.py): mostly task transcripts of every family
+  # (the tools block of the tool families' system turns is learnt by the tokenizer too).
+  "mini": dict(
+    vocab=1024,
+    seq_len=512,
+    batch=16,
+    lr=3e-3,
+    data=dict(max_corpus_bytes=300_000, num_tasks=20_000, task_families=",".join(FAMILIES)),
+  ),
 }
 LARGE = dict(vocab=151936, seq_len=4096, batch=512, lr=3e-4)
 
@@ -40,6 +49,6 @@ def get_config(arg=None):
   c.sample_tokens = 32  # Greedy tokens sampled from the final model (0 = none).
   c.model = common.model_config(arg.model, vocab_size=size["vocab"])
   c.optim = common.optim_config(lr=size["lr"], warmup_steps=max(arg.steps // 20, 1))
-  c.data = common.data_config(vocab_size=size["vocab"])
+  c.data = common.data_config(vocab_size=size["vocab"], **size.get("data", {}))
   c.mesh = common.mesh_config(data=-1)  # All devices data-parallel; e.g. expert=4 for EP.
   return c

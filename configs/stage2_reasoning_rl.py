@@ -18,6 +18,7 @@ from configs.pretrain import LARGE, SIZES
 RL_SIZES = {
   "tiny": dict(max_new_tokens=192, seq_len=320),
   "small": dict(max_new_tokens=256, seq_len=448),
+  "mini": dict(max_new_tokens=320, seq_len=384),
 }
 
 

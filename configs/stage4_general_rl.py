@@ -12,7 +12,7 @@ Args as in configs/stage2_reasoning_rl.py (whose fields this config changes, com
 from configs import common, stage2_reasoning_rl
 
 # Rows hold the tools block and up to max_tool_steps replies with the tool turns between.
-SEQ_LEN = {"tiny": 1536, "small": 2048}
+SEQ_LEN = {"tiny": 1536, "small": 2048, "mini": 1280}
 
 
 def get_config(arg=None):
