@@ -184,3 +184,13 @@ def test_a_record_loss_on_other_than_last_or_all_is_refused(tmp_path):
   path.write_text(json.dumps(row) + "\n")
   with pytest.raises(ValueError, match="bad.jsonl:1: record loss_on must be 'last' or 'all'"):
     pipeline.read_documents(pipeline.DataConfig(sources=(str(path),)))
+
+
+def test_without_verified_samples_no_think_rows_take_the_gold_answer():
+  task_list = tasks.make_split("parity", "train", 3, 1, 2)
+  rows, report = fusion.build_fusion(
+    task_list, lambda p: [["<think>\nx</think>\n\nno"]] * len(p), multi_turn=2
+  )
+  assert report["rejection"]["parity"]["kept"] == 0
+  assert report["rows"] == {"no_think": 3, "think->no_think": 2}
+  assert [r["messages"][-1]["content"] for r in rows[:3]] == [t.answer for t in task_list]

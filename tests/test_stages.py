@@ -1,5 +1,6 @@
 """The SFT stage configs run from a previous checkpoint; held-out evaluation and its bootstrap."""
 
+import dataclasses
 import json
 import os
 
@@ -11,11 +12,12 @@ from configs import stage1_cold_start, stage3_fusion
 from configs.common import to_train_config
 from qwen3_jax import checkpoint as ckpt
 from qwen3_jax import config as C
-from qwen3_jax.data import cold_start, fusion, tasks
-from qwen3_jax.data.tokenizer import train_tokenizer
+from qwen3_jax.data import chat, cold_start, fusion, tasks
+from qwen3_jax.data.tokenizer import IM_END, train_tokenizer
 from qwen3_jax.eval import bootstrap, heldout, report
 from qwen3_jax.infer.engine import EARLY_STOP, Completion, Engine
 from qwen3_jax.infer.load import load_model
+from qwen3_jax.infer.tool_loop import ScriptedPolicy
 from qwen3_jax.model import Qwen3
 from qwen3_jax.train.loop import train
 
@@ -106,8 +108,8 @@ def test_evaluate_writes_a_well_formed_eval_json(stages):
   model, tok = load_model(str(root / "stage3"))
   engine = Engine(model, tok)
   cfg = heldout.EvalConfig(
-    families=("parity", "unit_tools"), per_family=4, n=2, max_new_tokens=8, budgets=(0, 4, None),
-    tool_max_steps=2, batch_size=8, reps=200,
+    families=("parity",), per_family=4, n=2, max_new_tokens=8, budgets=(0, 4, None), batch_size=8,
+    reps=200,
   )  # fmt: skip
   result = heldout.evaluate(engine, cfg, printer=lambda *_: None)
   out, png = report.save(result, str(root / "eval.json"))
@@ -115,18 +117,18 @@ def test_evaluate_writes_a_well_formed_eval_json(stages):
   with open(out) as f:
     ev = json.load(f)
   s = ev["summary"]
-  assert set(s) == {"think", "no_think", "tool", "budget"}
+  assert set(s) == {"think", "no_think", "budget"}
   assert (
     set(s["budget"]) == {"0", "4", "unlimited"}
     and s["budget"]["unlimited"] == s["think"]["accuracy"]
   )
-  assert set(s["think"]["families"]) == {"parity"} and set(s["tool"]["families"]) == {"unit_tools"}
+  assert set(s["think"]["families"]) == {"parity"}
   assert set(s["think"]["families"]["parity"]["difficulty"]) == {"1", "2", "3", "4"}
   for key in ("think", "no_think"):
     for m in ("format", "flag", "tokens", "thinking_tokens"):
       assert m in s[key]
     assert 0 <= s[key]["format"] <= 1 and 0 <= s[key]["flag"] <= 1
-  assert len(ev["prompts"]) == 8
+  assert len(ev["prompts"]) == 4
   for p in ev["prompts"]:
     runs = (
       ("tool",) if p["family"] == "unit_tools" else ("think", "no_think", "budget_0", "budget_4")
@@ -134,9 +136,7 @@ def test_evaluate_writes_a_well_formed_eval_json(stages):
     assert set(runs) <= set(p)
     for r in runs:
       assert len(p[r]["correct"]) == cfg.n
-      assert all(
-        t <= cfg.max_new_tokens * (cfg.tool_max_steps if r == "tool" else 1) for t in p[r]["tokens"]
-      )
+      assert all(t <= cfg.max_new_tokens for t in p[r]["tokens"])
     for r in ("think", "no_think"):
       if r in p:  # the per-prompt mean the summary bootstraps
         acc = np.mean([np.mean(q[r]["correct"]) for q in ev["prompts"] if r in q])
@@ -146,11 +146,48 @@ def test_evaluate_writes_a_well_formed_eval_json(stages):
     for flag, n in zip(run["flag"], run["thinking_tokens"], strict=True):
       assert n == 0 or not flag
   # deterministic given the seed: the same settings sample the same replies
-  cfg = heldout.EvalConfig(("parity",), 4, n=2, max_new_tokens=8, budgets=(None,), batch_size=8)
-  again = heldout.evaluate(engine, cfg, printer=lambda *_: None)
+  again = heldout.evaluate(
+    engine, dataclasses.replace(cfg, budgets=(None,)), printer=lambda *_: None
+  )
   first = {p["id"]: p["think"] for p in ev["prompts"] if "think" in p}
   assert {p["id"]: p["think"] for p in again["prompts"]} == first
   assert report.table(ev).count("parity") == 5  # 4 levels + all
+
+
+def _gold_reply(task, k):
+  """The text of the gold conversation's k-th assistant turn, as the model would write it."""
+  msgs = tasks.messages(task)
+  idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"][k]
+  runs = chat.pieces(msgs[: idx + 1], tasks.tools(task))
+  return runs[-2][0].removesuffix(IM_END)
+
+
+def test_tool_tasks_are_scored_through_the_tool_loop_each_with_its_own_env():
+  """A scripted policy plays the gold turns (sample 1 ends with a wrong answer): every
+  conversation's calls run in its own env, so each flight email lands in its own outbox."""
+  cfg = heldout.EvalConfig(
+    families=("unit_tools", "flight_tools"), per_family=4, n=2, difficulty=(2, 3)
+  )
+  by_id = {
+    heldout.prompt_id(t): t for f in cfg.families for t in tasks.make_split(f, "heldout", 4, (2, 3))
+  }
+
+  def reply(turn):
+    pid, j = turn.conversation_id.rsplit("#", 1)
+    text = _gold_reply(by_id[pid], turn.step)
+    last = turn.step == sum(m["role"] == "assistant" for m in tasks.gold(by_id[pid])) - 1
+    return text + " (wrong)" if last and j == "1" else text
+
+  tok = train_tokenizer([tasks.render_gold(t) for t in by_id.values()], 400)
+  result = heldout.evaluate(
+    None, cfg, printer=lambda *_: None, tool_policy=ScriptedPolicy(tok, reply)
+  )
+  for p in result["prompts"]:
+    assert p["tool"]["correct"] == [1.0, 0.0], p
+    assert p["tool"]["tool_errors"] == [0, 0] and p["tool"]["tool_calls"][0] == p["difficulty"]
+  s = result["summary"]["tool"]
+  assert s["accuracy"]["mean"] == 0.5 and set(s["families"]) == {"unit_tools", "flight_tools"}
+  assert set(result["summary"]) == {"tool", "budget"} and result["summary"]["budget"] == {}
 
 
 def test_score_reply_reads_the_answer_after_a_forced_early_stop():

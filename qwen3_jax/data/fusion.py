@@ -107,7 +107,8 @@ def build_fusion(
     task_list: train-split tasks of reasoning / format families.
     sampler: answers rendered thinking-mode prompts, n replies each.
     multi_turn: flag-switching two-turn conversations to add (orders alternate: /think then
-      /no_think, /no_think then /think); 0 = none.
+      /no_think, /no_think then /think; only the first order when no sample was verified);
+      0 = none.
     keep_per_prompt: most verified replies kept per task (each becomes a thinking row).
     seed: the pairing of tasks in multi-turn rows.
 
@@ -129,8 +130,8 @@ def build_fusion(
     rows.append(_row([flagged(task.prompt, False), no_think], "no_think", task.family))
   thinkers = [i for i, mine in enumerate(kept) if mine]
   rng = random.Random(f"fusion|{seed}")
-  for k in range(multi_turn if thinkers and len(task_list) > 1 else 0):
-    think_last = k % 2 == 1
+  for k in range(multi_turn if len(task_list) > 1 else 0):
+    think_last = k % 2 == 1 and bool(thinkers)  # a /think last turn needs a verified sample
     last = rng.choice(thinkers) if think_last else rng.randrange(len(task_list))
     first = rng.choice([i for i in range(len(task_list)) if i != last])
     history = {"role": "assistant", "content": answers[first]}

@@ -136,7 +136,7 @@ class _EnvRouter:
     return result
 
 
-def _tool_runs(engine, cfg: EvalConfig, family_tasks: list, records: dict) -> None:
+def _tool_runs(policy, cfg: EvalConfig, family_tasks: list, records: dict) -> None:
   """Runs one tool family's tasks (n conversations each) through the tool loop."""
   envs, convs, owners = {}, [], []
   for task in family_tasks:
@@ -147,7 +147,7 @@ def _tool_runs(engine, cfg: EvalConfig, family_tasks: list, records: dict) -> No
       owners.append((task, cid))
   router = _EnvRouter(envs)
   transcripts = run_tool_loops(
-    EnginePolicy(engine, batch_size=min(len(convs), cfg.batch_size)),
+    policy,
     convs,
     router,
     tools=family_tasks[0].tool_specs(),
@@ -167,8 +167,12 @@ def _tool_runs(engine, cfg: EvalConfig, family_tasks: list, records: dict) -> No
     rec["tokens"].append(sum(s.end - s.prompt_len for s in tr.steps))
 
 
-def evaluate(engine, cfg: EvalConfig, printer=print) -> dict:
-  """Samples and scores every held-out prompt (module docstring); returns the eval dict."""
+def evaluate(engine, cfg: EvalConfig, printer=print, tool_policy=None) -> dict:
+  """Samples and scores every held-out prompt (module docstring); returns the eval dict.
+
+  `tool_policy` (a tool-loop `ModelPolicy`) answers the tool families instead of the engine
+  (None: `EnginePolicy(engine)`); `engine` may be None when only tool families are asked.
+  """
   drawn = {
     f: tasks.make_split(f, "heldout", cfg.per_family, cfg.difficulty, cfg.task_seed)
     for f in cfg.families
@@ -178,7 +182,6 @@ def evaluate(engine, cfg: EvalConfig, printer=print) -> dict:
   sampler = EngineSampler(
     engine, n=cfg.n, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size
   )
-  think_ids = engine.think_ids or (-1, -1)
   runs = [("think", True, None), ("no_think", False, None)]
   runs += [(budget_key(b), True, b) for b in cfg.budgets if b is not None]
   for key, thinking, budget in runs:
@@ -193,12 +196,13 @@ def evaluate(engine, cfg: EvalConfig, printer=print) -> dict:
     for task, comps in zip(plain, outs, strict=True):
       rec = records[prompt_id(task)].setdefault(key, collections.defaultdict(list))
       for c in comps:
-        for k, v in score_reply(task, c, mode, think_ids).items():
+        for k, v in score_reply(task, c, mode, engine.think_ids or (-1, -1)).items():
           rec[k].append(v)
   for f in cfg.families:
     if f in tasks.tool_families:
       printer(f"eval: tool loop: {f}: {len(drawn[f])} prompts x {cfg.n} conversations")
-      _tool_runs(engine, cfg, drawn[f], records)
+      rows = min(len(drawn[f]) * cfg.n, cfg.batch_size)
+      _tool_runs(tool_policy or EnginePolicy(engine, batch_size=rows), cfg, drawn[f], records)
   prompts = [
     {
       "id": prompt_id(t),
