@@ -118,6 +118,7 @@ class Event:
   reasoning: str = ""
   content: str = ""
   tool_calls: str = ""
+  top_logprobs: list[list[tuple[int, float]]] | None = None  # as `Completion.top_logprobs`
 
 
 @dataclasses.dataclass
@@ -291,6 +292,21 @@ class Session:
     for j in range(request.n):
       self.queue.append(((key, j), request, prompt))
 
+  def cancel(self, key) -> int:
+    """Drops request `key`'s rows: queued ones leave the queue, running ones stop at the next
+    step (their slots take queued rows at once); no event or result is produced for them.
+    Returns how many rows were dropped (0 for a key that finished or was never submitted)."""
+    before = len(self.queue)
+    self.queue = deque(item for item in self.queue if item[0][0] != key)
+    dropped = before - len(self.queue)
+    for r, row_key in enumerate(self.slots):
+      if row_key is not None and row_key[0] == key:
+        self.slots[r] = None
+        del self.hosts[row_key]
+        self.release[r] = True
+        dropped += 1
+    return dropped
+
   # ------------------------------------------------------------------ one step
 
   def step(self, state=None) -> list[tuple[tuple, Event]]:
@@ -394,14 +410,16 @@ class Session:
       c.token_ids += toks
       c.logprobs += out.logprobs[r, :n].tolist()
       c.forced += out.forced[r, :n].tolist()
+      top = None
       if c.top_logprobs is not None:
         k = host.top_n
-        c.top_logprobs += [
+        top = [
           list(
             zip(out.top_tokens[r, i, :k].tolist(), out.top_logprobs[r, i, :k].tolist(), strict=True)
           )
           for i in range(n)
         ]
+        c.top_logprobs += top
       c.text += text
       pieces = host.split.push(text) + (host.split.finish() if reason else [])
       parts = {k: "".join(t for kind, t in pieces if kind == k) for k in (REASONING, CONTENT)}
@@ -416,6 +434,7 @@ class Session:
         reasoning=parts[REASONING],
         content=parts[CONTENT],
         tool_calls=calls,
+        top_logprobs=top,
       )
       if reason is not None:
         c.finish_reason = reason
