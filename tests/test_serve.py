@@ -8,6 +8,11 @@ reply texts: reasoning, tool calls, endless rows), for what a random model never
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import deque
 
 import httpx
@@ -17,6 +22,7 @@ import openai
 import pytest
 from test_tool_loop import TEXTS, VOCAB, random_model
 
+from qwen3_jax import checkpoint
 from qwen3_jax.data import chat
 from qwen3_jax.data.tokenizer import IM_END, train_tokenizer
 from qwen3_jax.infer.engine import Completion, Engine, Event, Request
@@ -24,6 +30,7 @@ from qwen3_jax.infer.example_tools import calculate, example_tools
 from qwen3_jax.infer.sampling import SamplingParams, row_params, sample
 from qwen3_jax.serve.server import Server
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "secret"
 MAX_LEN = 128
 USER = [{"role": "user", "content": "The quick brown fox"}]
@@ -371,3 +378,31 @@ def test_api_key_queue_full_and_disconnect_frees_the_row(scripted, sclient):
     waiting.close()
   assert r.choices[0].message.content == "The answer is 3."
   assert httpx.get(scripted.url + "/health").json() == {"status": "ok"}
+
+
+def test_serve_script_subprocess(model, tok, tmp_path):
+  """scripts/serve.py end to end: load a params checkpoint, listen on a free port, answer,
+  stop on SIGTERM."""
+  ckpt = str(tmp_path / "params")
+  checkpoint.save_params(ckpt, model, model.cfg)
+  tok.save(os.path.join(ckpt, "tokenizer.json"))
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), f"--checkpoint={ckpt}",
+         "--port=0", "--batch_size=2", "--max_len=64", "--model_name=m"]  # fmt: skip
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("serving m on http://127.0.0.1:"), proc.stderr.read()[-3000:]
+    url = line.split()[-1]
+    for _ in range(600):
+      try:
+        if httpx.get(url + "/health").status_code == 200:
+          break
+      except httpx.TransportError:
+        time.sleep(0.1)
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    r = c.completions.create(model="m", prompt="The quick", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
