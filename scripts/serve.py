@@ -28,6 +28,9 @@ flags.DEFINE_integer("max_len", 2048, "KV length per row: prompt + reply tokens.
 flags.DEFINE_integer("max_queue", 256, "Most rows waiting for a free engine row.")
 flags.DEFINE_integer("steps_per_call", 4, "Decode steps per engine call.")
 flags.DEFINE_integer("prefill_chunk", 128, "Widest prefill call, tokens per row.")
+flags.DEFINE_integer(
+  "prefill_calls", 4, "Most prefill chunks per engine step (0: whole prompts at once)."
+)
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body.")
 flags.DEFINE_bool("top_logprobs", True, "Compute top-20 alternatives per token (top_logprobs).")
 for _axis in ("data", "fsdp", "expert", "tensor"):
@@ -59,6 +62,7 @@ def main(argv):
     max_queue=f.max_queue,
     steps_per_call=f.steps_per_call,
     prefill_chunk=f.prefill_chunk,
+    prefill_calls=f.prefill_calls or None,
     top_logprobs=f.top_logprobs,
     api_key=f.api_key or os.environ.get("QWEN3_API_KEY"),
     max_body_bytes=f.max_body_bytes,

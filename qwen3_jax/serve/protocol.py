@@ -15,10 +15,11 @@ Semantics of the fields (chat):
   * sampling: unset fields take Qwen3's preset for the reply's mode (thinking: T 0.6, top-p
     0.95, top-k 20; else T 0.7, top-p 0.8, top-k 20); `temperature: 0` is greedy. `top_k`
     -1 or 0 is off; `seed` makes a request reproducible in any batch.
-  * `tool_choice`: "auto" (default); "none" keeps the tools in the prompt but bans the
-    `<tool_call>` token; "required" or `{"type": "function", "function": {"name": N}}` starts
-    the reply with a forced `<tool_call>\\n{"name": "` (plus `N", "arguments": ` for a named
-    function) after an empty think block (a forced call does not think first).
+  * `tool_choice`: "auto" (the default with tools); "none" (the default without) keeps the
+    tools, if any, in the prompt but bans the `<tool_call>` token; "required" or
+    `{"type": "function", "function": {"name": N}}` starts the reply with a forced
+    `<tool_call>\\n{"name": "` (plus `N", "arguments": ` for a named function) after an
+    empty think block (a forced call does not think first).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The engine thread: continuous batching of HTTP requests over one engine `Session`.
 
 One thread owns the devices. It loops: take what the HTTP side handed over (new requests,
-cancellations), then run one `Session.step`, which admits queued rows into free engine rows
-(prefilling them) and runs one decode call of `steps_per_call` steps for every running row;
+cancellations), then run one `Session.step`, which admits queued rows into free engine rows,
+runs at most `prefill_calls` prefill chunks (a long prompt goes in over several steps,
+interleaved with decoding) and one decode call of `steps_per_call` steps for every row whose
+prompt is in;
 each row's events go straight to its request's sink. So a request waits for a free row, never
 for another request to finish, and a new request starts within one decode call of a row
 freeing (finished rows are retired in the step that finishes them).
@@ -45,6 +47,8 @@ class Scheduler:
     max_len: KV length of every row (prompt + reply).
     max_queue: most rows waiting for a free engine row.
     top_logprobs: the session computes the top alternatives of every token.
+    prefill_calls: most prefill chunks per step (`Session`): a long prompt is prefilled over
+      several steps, between the running rows' decode calls (None: all at once).
     metrics: updated after every step.
 
   A sink gets, on the engine thread, `("event", choice, Event, Completion | None)` per event
@@ -60,12 +64,13 @@ class Scheduler:
     max_len: int,
     max_queue: int,
     top_logprobs: bool = True,
+    prefill_calls: int | None = 4,
     metrics: Metrics | None = None,
   ):
     if max_queue < 1:
       raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     self.engine, self.max_queue = engine, max_queue
-    self.new_session = lambda: engine.session(batch_size, max_len, top_logprobs)
+    self.new_session = lambda: engine.session(batch_size, max_len, top_logprobs, prefill_calls)
     self.session = self.new_session()
     self.metrics = metrics or Metrics()
     self.cond = threading.Condition()
@@ -115,8 +120,12 @@ class Scheduler:
       for item in items:
         if item[0] == "submit":
           _, job_id, request, sink, arrived = item
+          try:
+            self.session.submit(request, list(request.prompt), key=job_id)
+          except ValueError as e:  # the HTTP side checks lengths first; never kill the thread
+            sink(("error", str(e)))
+            continue
           self.jobs[job_id] = _Job(request, sink, arrived, request.n)
-          self.session.submit(request, list(request.prompt), key=job_id)
         elif self.jobs.pop(item[1], None) is not None:
           self.session.cancel(item[1])
       if not self.session.idle:

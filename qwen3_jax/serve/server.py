@@ -28,7 +28,8 @@ class Server:
     batch_size: engine rows decoding together; max_len: KV length per row (prompt + reply).
     max_queue: most rows waiting for a free engine row (429 past it).
     steps_per_call: decode steps per engine call (a new request waits at most that many).
-    prefill_chunk: widest prefill call; max_n: most choices per request.
+    prefill_chunk: widest prefill call; prefill_calls: most prefill calls per engine step
+      (None: a new row's whole prompt at once); max_n: most choices per request.
     top_logprobs: compute the top-20 alternatives of every token (needed for `top_logprobs`).
     api_key: required as `Authorization: Bearer` on `/v1/` (None: open).
     max_body_bytes: largest request body; host, port: where to listen (port 0: any free one).
@@ -46,6 +47,7 @@ class Server:
     max_queue: int = 256,
     steps_per_call: int = 4,
     prefill_chunk: int = 128,
+    prefill_calls: int | None = 4,
     max_n: int = 8,
     top_logprobs: bool = True,
     api_key: str | None = None,
@@ -62,6 +64,7 @@ class Server:
       max_len=max_len,
       max_queue=max_queue,
       top_logprobs=top_logprobs,
+      prefill_calls=prefill_calls,
     )
     limits = Limits(model_name, max_len, max_n, top_logprobs)
     self.app = create_app(
