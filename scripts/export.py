@@ -33,9 +33,7 @@ def main(argv):
   from qwen3_jax.infer.export import export_model
   from qwen3_jax.infer.load import load_model
 
-  source = dict(workdir=f.workdir, checkpoint=f.checkpoint, hf_dir=f.hf_dir)
-  if sum(bool(v) for v in source.values()) != 1:
-    raise app.UsageError("give one of --workdir, --checkpoint and --hf_dir")
+  source = dict(workdir=f.workdir, checkpoint=f.checkpoint, hf_dir=f.hf_dir)  # exactly one
   model, tokenizer = load_model(**source)
   eos = Engine(model, tokenizer).eos_ids
   meta = export_model(model, f.output, batch=f.batch, max_len=f.max_len, chunk=f.chunk, eos_ids=eos)

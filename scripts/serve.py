@@ -46,9 +46,7 @@ def main(argv):
   from qwen3_jax.infer import load
   from qwen3_jax.serve.server import Server
 
-  source = dict(workdir=f.workdir, checkpoint=f.checkpoint, hf_dir=f.hf_dir)
-  if sum(bool(v) for v in source.values()) != 1:
-    raise app.UsageError("give one of --workdir, --checkpoint and --hf_dir")
+  source = dict(workdir=f.workdir, checkpoint=f.checkpoint, hf_dir=f.hf_dir)  # exactly one
   axes = {a: getattr(f, a) for a in ("data", "fsdp", "expert", "tensor") if getattr(f, a)}
   mesh = sharding.make_mesh(config.MeshConfig(**axes)) if axes else None
   model, tokenizer = load.load_model(**source, mesh=mesh)
