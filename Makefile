@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hf]'
+	$(PY) -m pip install -q -e '.[test,hf,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -26,5 +26,15 @@ setup(
         "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
         # torch==2.13.0 is the CPU wheel these machines carry; a looser pin pulls a CUDA build.
         "hf": ["transformers>=5.0", "torch==2.13.0"],
+        # scripts/serve.py (HTTP + the openai client its tests use), MCP tools (the SDK's 2.x
+        # low-level server API), scripts/export.py (jax.export serialisation needs flatbuffers).
+        "serve": [
+            "fastapi>=0.115",
+            "uvicorn>=0.30",
+            "httpx>=0.27",
+            "openai>=1.50",
+            "mcp>=2.3",
+            "flatbuffers>=24.3",
+        ],
     },
 )

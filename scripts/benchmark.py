@@ -1,6 +1,6 @@
 r"""Benchmarks: prints a table and one JSON line per row.
 
-python scripts/benchmark.py --suite=moe|train|attention|breakdown|layers|sampling|decode|rl|all
+python scripts/benchmark.py --suite=moe|train|attention|breakdown|layers|sampling|decode|rl|serve|all
 """
 
 import importlib
@@ -17,7 +17,7 @@ if __name__ == "__main__":
 
 from absl import app, flags  # noqa: E402
 
-SUITES = ("moe", "train", "attention", "breakdown", "layers", "sampling", "decode", "rl")
+SUITES = ("moe", "train", "attention", "breakdown", "layers", "sampling", "decode", "rl", "serve")
 FLAGS = flags.DEFINE_string("suite", "all", f"One of {SUITES} or 'all'.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions per case (median is reported).")
 flags.DEFINE_bool("quick", False, "Small shapes, for a smoke run.")

@@ -336,7 +336,9 @@ def test_presets_seeds_and_row_params():
   assert {f.name: getattr(rows, f.name).dtype for f in dataclasses.fields(rows)} == {
     "temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
     "presence": np.float32, "frequency": np.float32, "seed": np.int32, "sample_index": np.int32,
+    "banned": np.int32,
   }  # fmt: skip
+  np.testing.assert_array_equal(rows.banned, [-1, -1, -1, -1])
   assert max_top_logprobs(ps) == 4 and max_top_logprobs([None]) == 0
   with pytest.raises(ValueError, match="batch of 1"):
     row_params(ps, [0, 0], 1)

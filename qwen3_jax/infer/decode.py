@@ -159,15 +159,16 @@ def init_rows(cfg, prog: Program, batch: int, max_len: int, params: RowParams) -
   )
 
 
-def admit(rows: Rows, take, release, new: dict, params: RowParams) -> Rows:
+def admit(rows: Rows, take, release, start, new: dict, params: RowParams) -> Rows:
   """Rows where `take` [B] is true start a new request (cache emptied, counters zeroed, the
-  `ADMIT_FIELDS` and sampling settings from `new` / `params`); rows where `release` is true
-  stop (the host saw a stop string). Other rows are untouched."""
+  `ADMIT_FIELDS` and sampling settings from `new` / `params`); rows where `start` is true begin
+  decoding (taken now or earlier, their prompt prefilled by the end of the host's step); rows
+  where `release` is true stop (the host saw a stop string). Other rows are untouched."""
   pick = lambda n, o: jnp.where(take.reshape((-1,) + (1,) * (o.ndim - 1)), n, o)  # noqa: E731
   out = dataclasses.replace(
     rows,
     cache=kv_cache.reset(rows.cache, take),
-    active=(rows.active & ~release) | take,
+    active=(rows.active & ~release) | start,
     finish=jnp.where(take, RUNNING, jnp.where(release & rows.active, STOPPED, rows.finish)),
     generated=jnp.where(take, 0, rows.generated),
     counts=pick(0, rows.counts),

@@ -118,6 +118,7 @@ class Event:
   reasoning: str = ""
   content: str = ""
   tool_calls: str = ""
+  top_logprobs: list[list[tuple[int, float]]] | None = None  # as `Completion.top_logprobs`
 
 
 @dataclasses.dataclass
@@ -130,6 +131,7 @@ class _Row:
   prefill: list[int]  # prompt tokens still to feed (all but the last)
   top_n: int = 0  # alternatives asked for per token
   generated: int = 0  # the device's `generated` at the last read
+  started: bool = False  # decoding (its prompt is all in the cache by the end of the step)
 
 
 class Engine:
@@ -198,9 +200,15 @@ class Engine:
           out[key] = session.results.pop(key)
         yield ev
 
-  def session(self, batch_size: int, max_len: int, top_logprobs: bool = False) -> Session:
-    """A fixed (batch, max_len) bucket of rows for continuous batching."""
-    return Session(self, batch_size, max_len, top_logprobs)
+  def session(
+    self,
+    batch_size: int,
+    max_len: int,
+    top_logprobs: bool = False,
+    prefill_calls: int | None = None,
+  ) -> Session:
+    """A fixed (batch, max_len) bucket of rows for continuous batching (see `Session`)."""
+    return Session(self, batch_size, max_len, top_logprobs, prefill_calls)
 
   # ------------------------------------------------------------------ prompts
 
@@ -244,16 +252,34 @@ def _bucket(n: int) -> int:
 class Session:
   """Rows of one (batch, max_len) bucket; `submit` queues requests, `step` advances all.
 
-  A step admits queued rows into free ones (and prefills them), runs one decode call and
-  returns [(key, Event)] for the rows that produced something. `results[key]` holds the
-  `Completion` of row key = (request key, sample index) once its event says it finished.
+  A step admits queued rows into free ones, runs prefill calls (`prefill_chunk` tokens of
+  every row still prefilling per call), then one decode call for the rows whose prompt is in
+  the cache, and returns [(key, Event)] for the rows that produced something. `results[key]`
+  holds the `Completion` of row key = (request key, sample index) once its event says it
+  finished.
+
+  `prefill_calls` caps the prefill calls per step (None: as many as the new rows need, so
+  they all decode in the step that admits them). With a cap, a long prompt is prefilled over
+  several steps, interleaved with the decode calls of the running rows (which then wait at
+  most `prefill_calls` chunks per step, not a whole prompt); its row decodes from the step in
+  which its last chunk goes in.
   """
 
-  def __init__(self, engine: Engine, batch_size: int, max_len: int, top_logprobs: bool):
+  def __init__(
+    self,
+    engine: Engine,
+    batch_size: int,
+    max_len: int,
+    top_logprobs: bool,
+    prefill_calls: int | None = None,
+  ):
     if batch_size < 1 or max_len < 2:
       raise ValueError(
         f"session needs batch_size >= 1 and max_len >= 2, got {batch_size}, {max_len}"
       )
+    if prefill_calls is not None and prefill_calls < 1:
+      raise ValueError(f"prefill_calls must be >= 1 or None, got {prefill_calls}")
+    self.prefill_calls = prefill_calls
     dp = engine.data_parallel
     self.engine, self.max_len = engine, max_len
     self.batch = -(-batch_size // dp) * dp  # idle rows pad the batch to the data axes
@@ -291,6 +317,21 @@ class Session:
     for j in range(request.n):
       self.queue.append(((key, j), request, prompt))
 
+  def cancel(self, key) -> int:
+    """Drops request `key`'s rows: queued ones leave the queue, running ones stop at the next
+    step (their slots take queued rows at once); no event or result is produced for them.
+    Returns how many rows were dropped (0 for a key that finished or was never submitted)."""
+    before = len(self.queue)
+    self.queue = deque(item for item in self.queue if item[0][0] != key)
+    dropped = before - len(self.queue)
+    for r, row_key in enumerate(self.slots):
+      if row_key is not None and row_key[0] == key:
+        self.slots[r] = None
+        del self.hosts[row_key]
+        self.release[r] = True
+        dropped += 1
+    return dropped
+
   # ------------------------------------------------------------------ one step
 
   def step(self, state=None) -> list[tuple[tuple, Event]]:
@@ -298,14 +339,16 @@ class Session:
     state = nnx.state(eng.model) if state is None else state
     admit, prefill, decode_fn = eng.programs
     with sharding.use_mesh(eng.mesh):
-      taken = self._admit(admit)
-      self._prefill(prefill, state, taken)
+      calls = self._admit(admit)
+      self._prefill(prefill, state, calls)
       before = {k: h.generated for k, h in self.hosts.items()}
       self.rows, out = decode_fn(state, self.rows, self.prog)
       out, generated, finish = jax.device_get((out, self.rows.generated, self.rows.finish))
     return self._collect(out, generated, finish, before)
 
-  def _admit(self, admit) -> list[int]:
+  def _admit(self, admit) -> int:
+    """Takes queued rows into free slots and starts the rows whose prefill ends this step;
+    returns how many prefill calls the step runs."""
     free = [r for r, s in enumerate(self.slots) if s is None]
     take = np.zeros(self.batch, bool)
     new = {k: np.zeros(self.batch, np.int32) for k in decode.ADMIT_FIELDS}
@@ -341,16 +384,27 @@ class Session:
         prefill=list(prompt[:-1]),
         top_n=params[r].top_logprobs,
       )
-    if taken or self.release.any():
-      rp = row_params(params, index, self.batch)
-      self.rows = admit(self.rows, take, self.release.copy(), new, rp)
-      self.release[:] = False
-    return taken
-
-  def _prefill(self, prefill, state, taken) -> None:
+    # A call feeds every prefilling row `chunk` tokens (or all it has left, when the longest
+    # fits one call), so a row with R tokens left is done after ceil(R / chunk) calls.
     chunk = self.engine.prefill_chunk
-    while True:
-      left = {r: self.hosts[self.slots[r]].prefill for r in taken}
+    waiting = [h for h in self.hosts.values() if not h.started]
+    calls = max((-(-len(h.prefill) // chunk) for h in waiting), default=0)
+    calls = calls if self.prefill_calls is None else min(calls, self.prefill_calls)
+    start = np.zeros(self.batch, bool)
+    for r, key in enumerate(self.slots):
+      host = self.hosts.get(key) if key is not None else None
+      if host is not None and not host.started and -(-len(host.prefill) // chunk) <= calls:
+        start[r] = host.started = True
+    if taken or start.any() or self.release.any():
+      rp = row_params(params, index, self.batch)
+      self.rows = admit(self.rows, take, self.release.copy(), start, new, rp)
+      self.release[:] = False
+    return calls
+
+  def _prefill(self, prefill, state, calls: int) -> None:
+    chunk = self.engine.prefill_chunk
+    for _ in range(calls):
+      left = {r: self.hosts[k].prefill for r, k in enumerate(self.slots) if k is not None}
       most = max((len(p) for p in left.values()), default=0)
       if not most:
         return
@@ -394,14 +448,16 @@ class Session:
       c.token_ids += toks
       c.logprobs += out.logprobs[r, :n].tolist()
       c.forced += out.forced[r, :n].tolist()
+      top = None
       if c.top_logprobs is not None:
         k = host.top_n
-        c.top_logprobs += [
+        top = [
           list(
             zip(out.top_tokens[r, i, :k].tolist(), out.top_logprobs[r, i, :k].tolist(), strict=True)
           )
           for i in range(n)
         ]
+        c.top_logprobs += top
       c.text += text
       pieces = host.split.push(text) + (host.split.finish() if reason else [])
       parts = {k: "".join(t for kind, t in pieces if kind == k) for k in (REASONING, CONTENT)}
@@ -416,6 +472,7 @@ class Session:
         reasoning=parts[REASONING],
         content=parts[CONTENT],
         tool_calls=calls,
+        top_logprobs=top,
       )
       if reason is not None:
         c.finish_reason = reason

@@ -7,7 +7,8 @@ one token per row, its log-probability and the most likely alternatives.
 
 `sample`, per row, step by step:
   1. Penalties (OpenAI style) over the tokens the request generated so far (`counts` [B, V]):
-     pen = logits - presence * (count > 0) - frequency * count.
+     pen = logits - presence * (count > 0) - frequency * count; the row's `banned` token (if
+     any: the server bans `<tool_call>` for `tool_choice: none`) gets pen = -inf.
   2. Greedy rows (temperature == 0) take argmax(pen), the lowest id among ties; filters and
      randomness do not apply to them.
   3. Other rows scale s = pen / temperature and keep the tokens that pass all of
@@ -75,6 +76,7 @@ class SamplingParams:
   frequency_penalty: float = 0.0  # subtracted per occurrence of a token generated so far
   seed: int = 0  # any int; outside [0, 2**31) folded by a fixed hash (`key_seed`)
   top_logprobs: int = 0  # alternatives returned per token, in [0, MAX_TOP_LOGPROBS]
+  banned_token: int = -1  # a token id never chosen (e.g. `<tool_call>`); -1 = none
 
   def __post_init__(self):
     _validate("temperature", self.temperature, ">= 0 (0 = greedy)", lambda v: v >= 0)
@@ -87,6 +89,8 @@ class SamplingParams:
     rule = f"in [0, {MAX_TOP_LOGPROBS}]"
     ok = lambda v: 0 <= v <= MAX_TOP_LOGPROBS
     _validate("top_logprobs", self.top_logprobs, rule, ok, integer=True)
+    ban = lambda v: v >= -1
+    _validate("banned_token", self.banned_token, ">= -1 (-1 = none)", ban, integer=True)
 
   @classmethod
   def greedy(cls, **overrides) -> SamplingParams:
@@ -153,6 +157,7 @@ class RowParams:
   frequency: jax.Array  # [B] f32 frequency penalty
   seed: jax.Array  # [B] i32 in [0, 2**31): the request's folded seed
   sample_index: jax.Array  # [B] i32: which of the request's samples (n > 1) the row is
+  banned: jax.Array  # [B] i32 a token the row never chooses, -1 = none
 
 
 _ROW_FIELDS = [f.name for f in dataclasses.fields(RowParams)]
@@ -192,6 +197,7 @@ def row_params(
     frequency=f32("frequency_penalty"),
     seed=np.asarray([p.key_seed for p in rows], np.int32),
     sample_index=np.asarray(index, np.int32),
+    banned=np.asarray([p.banned_token for p in rows], np.int32),
   )
 
 
@@ -266,12 +272,12 @@ def sample(
   # Shifting by the row max first keeps tiny temperatures finite (max -> 0, others -> -inf).
   z = (logits - jnp.max(logits, -1, keepdims=True)) / temp  # [B, V] raw, for log-probs
   lse = jax.nn.logsumexp(z, -1)  # [B]
-  if counts is None:
-    pen, s = logits, z
-  else:
+  pen = logits
+  if counts is not None:
     counts = counts.astype(jnp.float32)
     pen = logits - params.presence[:, None] * (counts > 0) - params.frequency[:, None] * counts
-    s = (pen - jnp.max(pen, -1, keepdims=True)) / temp  # [B, V], row max exactly 0
+  pen = jnp.where(jnp.arange(V)[None, :] == params.banned[:, None], -jnp.inf, pen)
+  s = (pen - jnp.max(pen, -1, keepdims=True)) / temp  # [B, V], row max exactly 0
   best = _argmax(pen)  # [B] the greedy rows' tokens
 
   def draw():

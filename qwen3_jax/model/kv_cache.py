@@ -38,6 +38,8 @@ new prompt while the others keep decoding (continuous batching).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -290,6 +292,20 @@ def write(layer: dict, k, v, seg, kg, vg, gseg, layout: Layout) -> dict:
   return out
 
 
+_RUNTIME_CHECK = contextvars.ContextVar("kv_cache_runtime_check", default=True)
+
+
+@contextlib.contextmanager
+def without_runtime_check():
+  """Traces `check_room` without its host callback (a program for `jax.export`, which cannot
+  serialise callbacks); the caller must then keep prompt + new tokens within max_len."""
+  token = _RUNTIME_CHECK.set(False)
+  try:
+    yield
+  finally:
+    _RUNTIME_CHECK.reset(token)
+
+
 def check_room(cfg: ModelConfig, cache: KVCache, num_new) -> None:
   """Raises if `num_new` more tokens ([B] per row, or one int for all) would overflow a full
   layer's cache (S = max_len slots) in some row.
@@ -317,6 +333,8 @@ def check_room(cfg: ModelConfig, cache: KVCache, num_new) -> None:
 
   overflow = jnp.any(cache.length + num_new > max_len)
   if isinstance(overflow, jax.core.Tracer):
+    if not _RUNTIME_CHECK.get():
+      return
     args = (cache.length, jnp.asarray(num_new))
     jax.lax.cond(overflow, lambda: jax.debug.callback(fail, *args), lambda: None)
   elif bool(overflow):
