@@ -19,6 +19,7 @@ curves.png).
 
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -50,15 +51,15 @@ flags.mark_flags_as_required(["workdir"])
 SIZES = {
   "full": dict(
     model="mini",
-    pretrain_steps=600,
-    sft_per_family=400,
-    stage1_steps=150,
-    stage2_steps=40,
-    fusion_per_family=64,
-    stage3_steps=100,
-    stage4_steps=30,
-    eval_per_family=24,
-    eval_n=4,
+    pretrain_steps=300,
+    sft_per_family=300,
+    stage1_steps=80,
+    stage2_steps=20,
+    fusion_per_family=48,
+    stage3_steps=60,
+    stage4_steps=12,
+    eval_per_family=16,
+    eval_n=2,
   ),
   "quick": dict(
     model="tiny",
@@ -130,6 +131,11 @@ def run(cmd: list[str], log: str) -> None:
     raise RuntimeError(f"command failed ({proc.returncode}); its output is in {log}:\n{line}")
 
 
+def _children_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -144,6 +150,8 @@ def main(argv):
     raise app.UsageError(f"unknown stages {unknown}; stages: {list(STAGES)}")
   times_path = os.path.join(w, "times.json")
   times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  cpu_path = os.path.join(w, "cpu_seconds.json")  # user + system time of the stage's processes
+  cpu = json.load(open(cpu_path)) if os.path.exists(cpu_path) else {}
   for stage in f.stages:
     done = os.path.join(w, stage, "DONE")
     if os.path.exists(done):
@@ -151,14 +159,17 @@ def main(argv):
       continue
     os.makedirs(os.path.join(w, stage), exist_ok=True)
     print(f"== {stage}", flush=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu()
     for cmd in stage_commands(stage, w, s, mesh_flags):
       run(cmd, os.path.join(w, f"{stage}.log"))
     times[stage] = times.get(stage, 0.0) + time.time() - t0
+    cpu[stage] = cpu.get(stage, 0.0) + _children_cpu() - cpu0
+    with open(cpu_path, "w") as fh:
+      json.dump(cpu, fh, indent=1)
     with open(times_path, "w") as fh:
       json.dump(times, fh, indent=1)
     open(done, "w").close()
-  report = recipe_report.build(w, times)
+  report = recipe_report.build(w, times, cpu)
   print(report["markdown"])
   print(f"wrote {recipe_report.save(w, report)}")
 

@@ -146,8 +146,10 @@ def curves(workdir: str) -> list[dict]:
   return points
 
 
-def build(workdir: str, times: dict[str, float]) -> dict:
-  """Reads every stage's eval.json; returns {"rows", "targets", "times", "markdown"}."""
+def build(workdir: str, times: dict[str, float], cpu: dict[str, float] | None = None) -> dict:
+  """Reads every stage's eval.json; returns {"rows", "targets", "times", "cpu", "markdown"}
+  (times: wall seconds per stage; cpu: CPU seconds, user + system, of its processes)."""
+  cpu = cpu or {}
   evals = {}
   for stage in STAGES:
     path = os.path.join(workdir, stage, "eval.json")
@@ -160,7 +162,8 @@ def build(workdir: str, times: dict[str, float]) -> dict:
     "rows": rows,
     "targets": tg,
     "times": times,
-    "markdown": markdown(rows, tg, times),
+    "cpu": cpu,
+    "markdown": markdown(rows, tg, times, cpu),
   }
 
 
@@ -185,13 +188,15 @@ COLUMNS = (
 )
 
 
-def markdown(rows: dict, tg: dict, times: dict) -> str:
-  head = "| stage | " + " | ".join(name for _, name in COLUMNS) + " | minutes |"
-  lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+def markdown(rows: dict, tg: dict, times: dict, cpu: dict | None = None) -> str:
+  cpu = cpu or {}
+  head = "| stage | " + " | ".join(name for _, name in COLUMNS) + " | minutes | CPU min |"
+  lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
   for stage, r in rows.items():
     cells = [_fmt(r[k]) for k, _ in COLUMNS]
     minutes = f"{times[stage] / 60:.1f}" if stage in times else "-"
-    lines.append(f"| {stage} | " + " | ".join(cells) + f" | {minutes} |")
+    cpu_min = f"{cpu[stage] / 60:.1f}" if stage in cpu else "-"
+    lines.append(f"| {stage} | " + " | ".join(cells) + f" | {minutes} | {cpu_min} |")
   lines.append("")
   budgets = sorted({b for r in rows.values() for b in r["budget"]}, key=_budget_order)
   if budgets:
@@ -216,7 +221,12 @@ def markdown(rows: dict, tg: dict, times: dict) -> str:
         parts.append(f"{k}: {v}")
     lines.append(f"- {stage}: **{verdict}** ({'; '.join(parts)})")
   total = sum(times.values())
-  lines.append(f"\nTotal time: {total / 60:.1f} min.")
+  lines.append(
+    f"\nTotal time: {total / 60:.1f} min",
+  )
+  if cpu:
+    lines[-1] += f" ({sum(cpu.values()) / 60:.1f} CPU min)"
+  lines[-1] += "."
   return "\n".join(lines)
 
 
