@@ -13,18 +13,17 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# Main job: pretrain the tiny MoE on the embedded corpus, 8 simulated CPU devices (2 data x
-# 4 expert), about 1-2 min on 2 cores (plus the first install); checkpoints + TensorBoard in
-# RUN_DIR; greedy samples at the end.
-RUN_DIR ?= runs/pretrain_tiny_$(shell date +%Y%m%d_%H%M%S)
-RUN_STEPS ?= 1000
+# Main job: the Qwen3 post-training recipe on the `mini` MoE preset, 8 simulated CPU devices
+# (2 data x 4 expert): pretrain -> stage 1 (long-CoT cold start) -> 2 (reasoning RL) ->
+# 3 (thinking-mode fusion) -> 4 (general RL), each evaluated on held-out prompts, then
+# RUN_DIR/report.md (one row per stage, each stage's target with its paired interval) and
+# curves.png. Rerunning with the same RUN_DIR skips finished stages and resumes the others.
+RUN_DIR ?= runs/recipe_$(shell date +%Y%m%d_%H%M%S)
 
 run: $(STAMP)
-	@echo "workdir: $(RUN_DIR)  (tensorboard --logdir $(RUN_DIR)/tb)"
-	$(PY) scripts/train.py --config=configs/pretrain.py:model=tiny,steps=$(RUN_STEPS) \
-	  --workdir=$(RUN_DIR) --num_cpu_devices=8 --config.mesh.data=2 --config.mesh.expert=4 \
-	  --config.log_every=50 --config.eval_every=100 --config.checkpoint_every=100
 	@echo "workdir: $(RUN_DIR)"
+	$(PY) scripts/recipe.py --workdir=$(RUN_DIR)
+	@echo "report: $(RUN_DIR)/report.md"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check qwen3_jax configs scripts experiments tests
