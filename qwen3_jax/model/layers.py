@@ -38,8 +38,8 @@ def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
   is quantised (`quant.py`: an integer `name` plus a float `name + "_scale"`)."""
   w = getattr(module, name)[...]
   scale = getattr(module, name + "_scale", None)
-  if scale is None:
-    return w.astype(dtype)
+  if scale is None:  # no cast when none is needed: qwix's quantised weights reach its matmul
+    return w if w.dtype == jnp.dtype(dtype) else w.astype(dtype)
   return (w.astype(jnp.float32) * scale[...]).astype(dtype)
 
 

@@ -2,8 +2,9 @@
 
 A quantised projection W [*lead, *in, *out] (`projections.py`) is stored as integer values
 q (int8, or int4) and one float32 scale per output channel, s [*lead, 1.., *out] =
-max |W| over the `in` dims / qmax (qmax 127 or 7), q = round(W / s) clipped to +-qmax
-(symmetric, round to nearest: qwix's default weight-only PTQ). `layers.weight` gives q * s in
+max |W| over the `in` dims / (qmax + 0.5) (qmax 127 or 7), q = round(W / s) clipped to
+[-qmax - 1, qmax] (symmetric, round to nearest, the top bucket used in full: qwix's
+weight-only PTQ, whose values these equal). `layers.weight` gives q * s in
 the compute dtype, so every matmul (attention, dense MLP, the experts' dispatch, the LM head)
 runs unchanged on the dequantised weight; parameters in memory shrink to 1 byte per value
 (int4 arrays also take one byte per value in memory on XLA:CPU; 4 bits is their packed size).
@@ -33,8 +34,8 @@ def quantize_weight(w: jax.Array, lead: int, n_in: int, bits: int) -> tuple[jax.
   """(q, scale) of W [*lead, *in, *out]: q in QTYPE[bits], scale float32 [*lead, 1.., *out]."""
   axes = tuple(range(lead, lead + n_in))
   absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True)
-  scale = jnp.where(absmax > 0, absmax / QMAX[bits], 1.0)
-  q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -QMAX[bits], QMAX[bits])
+  scale = jnp.where(absmax > 0, absmax / (QMAX[bits] + 0.5), 1.0)
+  q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -QMAX[bits] - 1, QMAX[bits])
   return q.astype(QTYPE[bits]), scale
 
 
