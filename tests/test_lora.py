@@ -149,3 +149,23 @@ def test_only_adapters_train_sharded():
   np.testing.assert_allclose(
     np.asarray(sharded), np.asarray(model(jnp.asarray(tok[:, :-1])).logits), atol=2e-5
   )
+
+
+def test_merged_model_exports_to_transformers(tmp_path):
+  """save_pretrained of the merged model loads in transformers with the LoRA model's logits."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from qwen3_jax import hf
+
+  model = Qwen3(_cfg(), rngs=nnx.Rngs(0))
+  _randomise_b(model)
+  with pytest.raises(ValueError, match="lora adapters"):
+    hf.save_pretrained(model, model.cfg, str(tmp_path / "refused"))
+  plain = adapters.merged(model)
+  hf.save_pretrained(plain, plain.cfg, str(tmp_path / "hf"))
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+  tok = np.asarray(_tokens(2, 10))
+  with torch.no_grad():
+    want = ref(torch.tensor(tok, dtype=torch.long)).logits.numpy()
+  got = np.asarray(model(jnp.asarray(tok)).logits)
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
