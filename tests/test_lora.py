@@ -83,13 +83,19 @@ def test_attention_lora_equals_qwix():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_merged_equals_unmerged():
+@pytest.fixture(scope="module")
+def trained():
+  """A LoRA model with non-zero adapters, tokens and its logits (shared by the tests below)."""
   model = Qwen3(_cfg(), rngs=nnx.Rngs(0))
   _randomise_b(model)
+  tok = _tokens()
+  return model, tok, model(tok).logits
+
+
+def test_merged_equals_unmerged(trained):
+  model, tok, want = trained
   plain = adapters.merged(model)
   assert plain.cfg.lora is None and not nnx.state(plain, nnx.LoRAParam)
-  tok = _tokens()
-  want = model(tok).logits
   assert (
     float(jnp.abs(want - Qwen3(_cfg().replace(lora=None), rngs=nnx.Rngs(0))(tok).logits).max())
     > 1e-3
@@ -97,14 +103,12 @@ def test_merged_equals_unmerged():
   np.testing.assert_allclose(np.asarray(plain(tok).logits), np.asarray(want), atol=2e-5)
 
 
-def test_adapters_save_alone_and_load_onto_base(tmp_path):
-  model = Qwen3(_cfg(), rngs=nnx.Rngs(0))
-  _randomise_b(model)
+def test_adapters_save_alone_and_load_onto_base(trained, tmp_path):
+  model, tok, want = trained
   adapters.save_adapters(str(tmp_path / "a"), model)
   base = Qwen3(_cfg().replace(lora=None), rngs=nnx.Rngs(0))
   back = adapters.load_adapters(str(tmp_path / "a"), base)
-  tok = _tokens()
-  np.testing.assert_array_equal(np.asarray(back(tok).logits), np.asarray(model(tok).logits))
+  np.testing.assert_array_equal(np.asarray(back(tok).logits), np.asarray(want))
   other = Qwen3(C.tiny(hidden_size=32), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="were trained on"):
     adapters.load_adapters(str(tmp_path / "a"), other)
@@ -151,21 +155,19 @@ def test_only_adapters_train_sharded():
   )
 
 
-def test_merged_model_exports_to_transformers(tmp_path):
+def test_merged_model_exports_to_transformers(trained, tmp_path):
   """save_pretrained of the merged model loads in transformers with the LoRA model's logits."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from qwen3_jax import hf
 
-  model = Qwen3(_cfg(), rngs=nnx.Rngs(0))
-  _randomise_b(model)
+  model, tok, want = trained
   with pytest.raises(ValueError, match="lora adapters"):
     hf.save_pretrained(model, model.cfg, str(tmp_path / "refused"))
   plain = adapters.merged(model)
   hf.save_pretrained(plain, plain.cfg, str(tmp_path / "hf"))
   ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-  tok = np.asarray(_tokens(2, 10))
   with torch.no_grad():
-    want = ref(torch.tensor(tok, dtype=torch.long)).logits.numpy()
-  got = np.asarray(model(jnp.asarray(tok)).logits)
+    got = ref(torch.tensor(np.asarray(tok), dtype=torch.long)).logits.numpy()
+  want = np.asarray(want)
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())

@@ -56,7 +56,9 @@ flags.DEFINE_integer("acc_per_family", 32, "Held-out prompts per family (accurac
 flags.DEFINE_integer("max_new_tokens", 160, "Generation length for accuracy.")
 flags.DEFINE_integer("decode_batch", 8, "Rows for the decode-speed measurement.")
 flags.DEFINE_integer("decode_tokens", 64, "New tokens for the decode-speed measurement.")
-flags.DEFINE_list("arms", ["full", "lora_qv"], "SFT arms (keys of ARMS).")
+flags.DEFINE_list(
+  "arms", ["full", "lora_qv"], "SFT arms (keys of ARMS); none: the base's inference variants."
+)
 flags.DEFINE_integer("batch_size", 8, "SFT batch (sequences of SEQ_LEN tokens).")
 flags.DEFINE_bool("tables_only", False, "Only rewrite tables.md from the results in --out.")
 flags.DEFINE_string(
@@ -305,6 +307,8 @@ def main(_):
       if seed == 0 and arm in ("full", "lora_qv"):
         keep[arm] = model
   results["runs"] = runs
+  if not FLAGS.arms:  # --arms= : the inference variants of the base itself (e.g. stage 4)
+    keep["base"] = base
   results["infer"] = []
   for arm, model in keep.items():
     for name, m in variants(model).items():
