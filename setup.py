@@ -23,7 +23,8 @@ setup(
         "jsonschema>=4.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+        # qwix: the reference the LoRA / int8 tests check our by-hand layers against.
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "qwix>=0.1.8"],
         # torch==2.13.0 is the CPU wheel these machines carry; a looser pin pulls a CUDA build.
         "hf": ["transformers>=5.0", "torch==2.13.0"],
         # scripts/serve.py (HTTP + the openai client its tests use), MCP tools (the SDK's 2.x

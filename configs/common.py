@@ -62,6 +62,29 @@ def mesh_config(**sizes) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**dataclasses.asdict(C.MeshConfig(data=-1)), **sizes})
 
 
+# LoRA target letters -> the projections they adapt (regex alternatives over parameter paths).
+LORA_LETTERS = {
+  "q": r"self_attn/q_proj",
+  "k": r"self_attn/k_proj",
+  "v": r"self_attn/v_proj",
+  "o": r"self_attn/o_proj",
+  "m": r"mlp/(gate_proj|up_proj|down_proj)",  # the dense MLP (MoE experts are refused)
+}
+
+
+def lora_config(rank: int, targets: str = "qv", alpha: float = 0.0):
+  """`model.lora` for a config: None when rank == 0, else LoRA of `rank` on the projections
+  named by the letters of `targets` (q, k, v, o, m = dense MLP); alpha 0 = 2 * rank."""
+  if rank == 0:
+    return None
+  bad = sorted(set(targets) - set(LORA_LETTERS))
+  if bad or not targets:
+    raise ValueError(f"lora targets {targets!r}: letters must be from {sorted(LORA_LETTERS)}")
+  regex = ".*(" + "|".join(LORA_LETTERS[t] for t in sorted(set(targets))) + ")"
+  lcfg = C.LoraConfig(rank=rank, alpha=alpha or 2.0 * rank, targets=regex)
+  return ml_collections.ConfigDict(dataclasses.asdict(lcfg))
+
+
 def _build(cls, d: dict, where: str):
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - known)

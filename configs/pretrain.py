@@ -4,7 +4,8 @@ r"""Pretraining on the embedded corpus (stdlib source + generated reasoning chat
       --num_cpu_devices=8 --config.optim.lr=3e-3 --config.num_steps=300
 
 Args (after the colon, comma-separated): model = a preset of qwen3_jax.config
-(tiny | small | qwen3_30b_a3b | ...); steps = num_steps.
+(tiny | small | qwen3_30b_a3b | ...); steps = num_steps; lora = LoRA rank (0 = full
+training), lora_targets = letters of the adapted projections (q, k, v, o, m = dense MLP).
 """
 
 from configs import common
@@ -29,7 +30,7 @@ LARGE = dict(vocab=151936, seq_len=4096, batch=512, lr=3e-4)
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="tiny", steps=300)
+  arg = common.parse_arg(arg, model="tiny", steps=300, lora=0, lora_targets="qv")
   size = SIZES.get(arg.model, LARGE)
   c = common.ml_collections.ConfigDict()
   c.num_steps = arg.steps  # Optimizer steps.
@@ -48,6 +49,7 @@ def get_config(arg=None):
   c.async_checkpoint = True  # Background checkpoint writes.
   c.sample_tokens = 32  # Greedy tokens sampled from the final model (0 = none).
   c.model = common.model_config(arg.model, vocab_size=size["vocab"])
+  c.model.lora = common.lora_config(arg.lora, arg.lora_targets)  # None: train every weight
   c.optim = common.optim_config(lr=size["lr"], warmup_steps=max(arg.steps // 20, 1))
   c.data = common.data_config(vocab_size=size["vocab"], **size.get("data", {}))
   c.mesh = common.mesh_config(data=-1)  # All devices data-parallel; e.g. expert=4 for EP.

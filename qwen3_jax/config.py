@@ -133,6 +133,58 @@ class AttentionConfig:
     return self.kind == "sparse" if not self.pattern else "sparse" in self.pattern
 
 
+# Projections that can take LoRA adapters or be quantised, by parameter name -> how many of
+# their leading (non-batch) dims are contracted with the input: attention q/k/v/o, the dense
+# MLP's and the experts' gate/up/down, the untied LM head.
+PROJECTIONS = {
+  "q_proj": 1,
+  "k_proj": 1,
+  "v_proj": 1,
+  "o_proj": 2,
+  "gate_proj": 1,
+  "up_proj": 1,
+  "down_proj": 1,
+  "lm_head": 1,
+}
+QUANT_BITS = (8, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters W + (alpha / rank) A B on the projections whose parameter path (e.g.
+  `layers/sub_0/self_attn/q_proj`, see `qwen3_jax.model.lora`) fully matches `targets`.
+
+  Adaptable: attention q/k/v/o_proj and the dense MLP's gate/up/down_proj. MoE expert weights
+  and the router are never adapted (see the README's LoRA section).
+  """
+
+  rank: int = 8  # r: A is [*in, r], B is [r, *out].
+  alpha: float = 16.0  # The update is scaled by alpha / rank.
+  targets: str = r".*self_attn/(q_proj|v_proj)"  # Regex over parameter paths (re.fullmatch).
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+    if not self.alpha > 0:
+      raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Weight-only quantisation of the projections whose parameter path fully matches `targets`
+  (`qwen3_jax.model.quant`): symmetric, one float32 scale per output channel."""
+
+  bits: int = 8  # 8 (int8) or 4 (int4 values, held one per int8 byte).
+  targets: str = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|lm_head)"
+
+  def __post_init__(self):
+    _check_choice("quant.bits", self.bits, QUANT_BITS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Qwen3 (dense) or Qwen3-MoE model; field meanings as in the Hugging Face configs."""
@@ -156,6 +208,8 @@ class ModelConfig:
   router_aux_loss_coef: float = 0.001  # Load-balance weight (f sums to 1: HF value x k).
   moe: MoEConfig = MoEConfig()
   attention: AttentionConfig = AttentionConfig()
+  lora: LoraConfig | None = None  # Low-rank adapters (None = none): `model/lora.py`.
+  quant: QuantConfig | None = None  # Weight-only int8 / int4 projections: `model/quant.py`.
   # Dtypes may be given as strings, jnp/np types or jnp.dtype(...); stored as the name.
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of parameters (master weights).
@@ -204,6 +258,8 @@ class ModelConfig:
         raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
       if self.moe_intermediate_size < 1:
         raise ValueError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+    if self.lora is not None and self.quant is not None:
+      raise ValueError("lora and quant together (QLoRA) are not supported: set one of them")
     bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
     if bad:
       raise ValueError(f"mlp_only_layers {bad} outside [0, {self.num_hidden_layers})")
@@ -465,6 +521,10 @@ def from_dict(d: dict) -> ModelConfig:
     att = dict(d["attention"])
     att["pattern"] = tuple(att.get("pattern", ()))
     d["attention"] = AttentionConfig(**att)
+  if d.get("lora") is not None:
+    d["lora"] = LoraConfig(**d["lora"])
+  if d.get("quant") is not None:
+    d["quant"] = QuantConfig(**d["quant"])
   if "mlp_only_layers" in d:
     d["mlp_only_layers"] = tuple(d["mlp_only_layers"])
   return ModelConfig(**d)

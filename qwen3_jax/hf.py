@@ -164,6 +164,10 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
     )
   if cfg.is_moe and cfg.moe.routing != "topk":
     unsupported.append(f'moe.routing="{cfg.moe.routing}" (Hugging Face routes top-k)')
+  if cfg.lora is not None:
+    unsupported.append("lora adapters (fold them in first: adapters.merged)")
+  if cfg.quant is not None:
+    unsupported.append(f"quant (int{cfg.quant.bits} weights; export the float model)")
   if unsupported:
     raise ValueError(
       "This model cannot be exported as a Hugging Face Qwen3 / Qwen3-MoE, which would compute "

@@ -21,7 +21,7 @@ from flax import nnx
 from qwen3_jax.config import ATTENTION_KINDS, ModelConfig
 from qwen3_jax.model import kv_cache
 from qwen3_jax.model.global_tokens import Layout, make_layout
-from qwen3_jax.model.layers import RMSNorm, linear, param, rope
+from qwen3_jax.model.layers import RMSNorm, param, project, rope
 from qwen3_jax.model.sparse_attention import (
   INF_SPAN,
   NEG_INF,
@@ -263,10 +263,9 @@ class Attention(nnx.Module):
     if layout is None:
       layout = make_layout(segment_ids, 0)
     cfg, att, l = self.cfg, self.cfg.attention, layout.num_real
-    c = lambda p: p[...].astype(x.dtype)  # noqa: E731
-    q = self.q_norm(linear(x, c(self.q_proj)))  # [B, L, H, Dh]
-    k = self.k_norm(linear(x, c(self.k_proj)))  # [B, L, K, Dh]
-    v = linear(x, c(self.v_proj))
+    q = self.q_norm(project(self, "q_proj", x))  # [B, L, H, Dh]
+    k = self.k_norm(project(self, "k_proj", x))  # [B, L, K, Dh]
+    v = project(self, "v_proj", x)
     q = rope(q, positions, cfg.rope_theta) * (cfg.head_dim**-0.5)
     k = rope(k, positions, cfg.rope_theta)
     k, v = repeat_kv_heads(k, v, cfg.num_attention_heads)  # K < tensor axis: [B, L, K r, Dh]
@@ -310,4 +309,4 @@ class Attention(nnx.Module):
       if not write_first:
         cache = kv_cache.write(cache, *args)
     out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", None))
-    return linear(out, c(self.o_proj), n_in=2), cache
+    return project(self, "o_proj", out, n_in=2), cache

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,17 +18,43 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = INIT_STD) -> nnx.Para
 
 
 def linear(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-  """Contracts the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul.
+  """Contracts the last `n_in` dims of x with the first `n_in` dims of w.
 
-  [B, L, *in] x [*in, *out] -> [B, L, *out]. The leading dims are flattened first because
-  XLA:CPU runs the weight gradient of a 2-D matmul faster than that of a 3-D einsum
-  contracting over (b, l) (docs/benchmarks.md).
+  [B, L, *in] x [*in, *out] -> [B, L, *out]. The leading dims of x are flattened first
+  because XLA:CPU runs the weight gradient of a 2-D matmul faster than that of a 3-D einsum
+  contracting over (b, l) (docs/benchmarks.md). `w` enters the `dot_general` as it is (no
+  reshape), so interceptors that look a matmul's weight up among the module's parameters
+  (qwix's LoRA and quantisation providers) recognise it.
   """
   lead, ins = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
-  outs = w.shape[n_in:]
-  k = math.prod(ins)
-  y = x.reshape(-1, k) @ w.reshape(k, -1)
-  return y.reshape(*lead, *outs)
+  x2 = x.reshape(-1, *ins)  # [T, *in]
+  dims = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
+  y = jax.lax.dot_general(x2, w, (dims, ((), ())))  # [T, *out]
+  return y.reshape(*lead, *w.shape[n_in:])
+
+
+def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
+  """The projection `name` of `module` in `dtype`: the parameter itself, or q * scale when it
+  is quantised (`quant.py`: an integer `name` plus a float `name + "_scale"`)."""
+  w = getattr(module, name)[...]
+  scale = getattr(module, name + "_scale", None)
+  if scale is None:  # no cast when none is needed: qwix's quantised weights reach its matmul
+    return w if w.dtype == jnp.dtype(dtype) else w.astype(dtype)
+  return (w.astype(jnp.float32) * scale[...]).astype(dtype)
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+  """`linear(x, W)` for the projection `name` of `module` (`weight`), plus its LoRA update
+  `module.lora_scale * (x A) B` when the module holds adapters `name_lora_a` / `_lora_b`
+  (`lora.py`). x [B, L, *in] -> [B, L, *out]."""
+  y = linear(x, weight(module, name, x.dtype), n_in)
+  scale = getattr(module, "lora_scale", None)  # set with our adapters (not by qwix's)
+  a = getattr(module, name + "_lora_a", None)
+  if scale is None or a is None:
+    return y
+  h = linear(x, a[...].astype(x.dtype), n_in)  # [B, L, r]
+  b = getattr(module, name + "_lora_b")[...].astype(x.dtype)  # [r, *out]
+  return y + scale * linear(h, b)
 
 
 class RMSNorm(nnx.Module):
@@ -100,8 +124,7 @@ class MLP(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-    g = linear(x, c(self.gate_proj))
-    u = linear(x, c(self.up_proj))
+    g = project(self, "gate_proj", x)
+    u = project(self, "up_proj", x)
     h = constrain(jax.nn.silu(g) * u, ("batch", "seq", "mlp"))
-    return linear(h, c(self.down_proj))
+    return project(self, "down_proj", h)

@@ -45,7 +45,7 @@ from qwen3_jax.model.dispatch import (
   ragged_exchange_dispatch,
   swiglu_experts,
 )
-from qwen3_jax.model.layers import param
+from qwen3_jax.model.layers import param, weight
 from qwen3_jax.sharding import BATCH_AXES, active_mesh, check_batch, shard_map
 
 # ----------------------------------------------------------------------------- routing
@@ -207,9 +207,9 @@ class MoE(nnx.Module):
     mask = (jnp.ones((b, l), bool) if segment_ids is None else segment_ids > 0).reshape(-1)
     weights = (
       self.gate[...],
-      self.gate_proj[...].astype(dtype),
-      self.up_proj[...].astype(dtype),
-      self.down_proj[...].astype(dtype),
+      weight(self, "gate_proj", dtype),
+      weight(self, "up_proj", dtype),
+      weight(self, "down_proj", dtype),
     )
     mesh = active_mesh()
     fn = functools.partial(_moe_local, cfg=cfg, seq_len=l)

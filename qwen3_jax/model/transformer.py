@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.model import kv_cache
+from qwen3_jax.model import kv_cache, lora, quant
 from qwen3_jax.model.global_tokens import chunk_layout, global_every, insert_globals
 from qwen3_jax.model.kv_cache import KVCache
-from qwen3_jax.model.layers import Embed, RMSNorm, linear, param, vocab_param
+from qwen3_jax.model.layers import Embed, RMSNorm, linear, param, vocab_param, weight
 from qwen3_jax.model.moe import aux_losses
 from qwen3_jax.model.stack import run_stack, stacked_groups
 from qwen3_jax.sharding import constrain
@@ -68,6 +68,10 @@ class Qwen3(nnx.Module):
       )
     if global_every(cfg):  # Learnable global token (sparse attention), [1, D].
       self.global_embedding = param(rngs, (1, cfg.hidden_size), (None, "embed"), cfg.param_dtype)
+    if cfg.quant is not None:  # int8 / int4 projections (`quant.py`)
+      quant.convert(self, cfg.quant)
+    if cfg.lora is not None:  # low-rank adapters, B = 0: the base model's function (`lora.py`)
+      lora.add_adapters(self, cfg.lora, rngs)
 
   def __call__(
     self,
@@ -141,7 +145,7 @@ class Qwen3(nnx.Module):
     from `cfg.vocab_size` on are vocab padding, to be masked (`fused_ce`) or sliced off."""
     if self.cfg.tie_word_embeddings:
       return self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype).T
-    return self.lm_head[...].astype(jnp.dtype(self.cfg.dtype))
+    return weight(self, "lm_head", jnp.dtype(self.cfg.dtype))
 
   def _collect_aux(self, auxes) -> dict[str, jax.Array]:
     """`run_stack`'s MoE auxes -> `ModelOutput.aux`: AUX_SCALARS averaged over the MoE layers,

@@ -31,6 +31,7 @@ from flax import nnx
 from qwen3_jax import checkpoint as ckpt
 from qwen3_jax.config import to_dict
 from qwen3_jax.data import pipeline
+from qwen3_jax.model import lora
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.step import Program, TrainState
 
@@ -92,11 +93,13 @@ def initial_state(
   if init_from:
     model, _ = ckpt.load_params(init_from, prog.mesh)
     params = nnx.state(model, nnx.Param).to_pure_dict()
+    # A LoRA run starts from a base model (no adapters) and keeps its fresh adapters.
+    base, adapters = lora.split_params(state.params)
     shapes = jax.tree.map(lambda a: a.shape, params)
-    want = jax.tree.map(lambda a: a.shape, state.params)
+    want = jax.tree.map(lambda a: a.shape, base)
     if shapes != want:
       raise ValueError(f"init_from={init_from}: parameter shapes differ from the model")
-    state = dataclasses.replace(state, params=params)
+    state = dataclasses.replace(state, params=lora.join_params(params, adapters))
     printer(f"initialised parameters from {init_from}")
   return state, 0
 

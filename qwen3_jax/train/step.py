@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen3_jax import sharding as shd
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.data.pipeline import DataConfig
-from qwen3_jax.model import Qwen3
+from qwen3_jax.model import Qwen3, lora
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.fused_ce import fused_cross_entropy
 from qwen3_jax.train.losses import BATCH_KEYS, batch_totals, fraction_from_counts, loss_terms
@@ -81,15 +81,20 @@ def setup_state(cfg: TrainConfig, mesh: Mesh) -> StateSetup:
   param_sh = shd.state_shardings(abs_state, mesh).to_pure_dict()
   replicated = NamedSharding(mesh, PartitionSpec())
   abs_params = jax.eval_shape(make_params)
-  abs_opt = jax.eval_shape(tx.init, abs_params)
+  # The optimizer holds state for the trainable params only (the adapters of a LoRA model).
+  abs_opt = jax.eval_shape(tx.init, lora.trainable(abs_params)[1])
   opt_sh = optax.tree_map_params(
-    tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+    tx,
+    lambda _, s: s,
+    abs_opt,
+    lora.trainable(param_sh)[1],
+    transform_non_params=lambda _: replicated,
   )
 
   def init():
     params = make_params()
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, tx.init(params), zero, zero)
+    return TrainState(zero, params, tx.init(lora.trainable(params)[1]), zero, zero)
 
   return StateSetup(
     cfg=cfg,
@@ -117,9 +122,17 @@ def accumulate_grads(loss_fn, params, batch: dict, n: int, counts_fn=None):
       f_global (MoE global balance); None = f_global stays None.
 
   Returns:
-    grads (summed) and metrics: summed over micro-batches, except keys ending in `_max`
-    (maxima).
+    grads (summed) of the trainable params (`lora.trainable`: the adapters of a LoRA model,
+    whose base params get no gradient; all params otherwise) and metrics: summed over
+    micro-batches, except keys ending in `_max` (maxima).
   """
+  frozen, params = lora.trainable(params)
+  if frozen:
+    base = jax.lax.stop_gradient(frozen)
+    full_loss, full_counts = loss_fn, counts_fn
+    loss_fn = lambda t, mb, f: full_loss(lora.join_params(base, t), mb, f)  # noqa: E731
+    if full_counts is not None:
+      counts_fn = lambda t, mb: full_counts(lora.join_params(base, t), mb)  # noqa: E731
   if n == 1:
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
     return grads, metrics
@@ -159,13 +172,14 @@ def apply_gradients(setup: StateSetup, state: TrainState, grads, metrics: dict):
   lr, finite, skipped, bad_streak)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  updates, new_opt = setup.tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  frozen, params = lora.trainable(state.params)  # grads are those of `params`
+  updates, new_opt = setup.tx.update(grads, state.opt_state, params)
+  new_params = optax.apply_updates(params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
   bad = (~finite).astype(jnp.int32)
   new_state = TrainState(
     step=state.step + 1,
-    params=keep(new_params, state.params),
+    params=lora.join_params(frozen, keep(new_params, params)),
     opt_state=keep(new_opt, state.opt_state),
     skipped=state.skipped + bad,
     bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
