@@ -87,13 +87,21 @@ def train_and_eval(
   for _ in range(steps):
     rows, _ = make_rows(rng, cfg.batch_size, seq_len, distances, per_distance)
     state, _ = prog.train_step(state, to_global(rows, prog))
-  rows, dist = make_rows(np.random.default_rng(10_000 + cfg.seed), eval_rows, seq_len, distances, per_distance)
+  rows, dist = make_rows(
+    np.random.default_rng(10_000 + cfg.seed), eval_rows, seq_len, distances, per_distance
+  )
   params = jax.device_get(state.params)
   graphdef = prog.graphdef
   logits_fn = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(x, segment_ids=s).logits)
   logits = np.concatenate(
     [
-      np.asarray(logits_fn(params, jnp.asarray(rows["inputs"][i : i + 8]), jnp.asarray(rows["segment_ids"][i : i + 8])))
+      np.asarray(
+        logits_fn(
+          params,
+          jnp.asarray(rows["inputs"][i : i + 8]),
+          jnp.asarray(rows["segment_ids"][i : i + 8]),
+        )
+      )
       for i in range(0, eval_rows, 8)
     ]
   )

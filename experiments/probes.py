@@ -54,7 +54,9 @@ def probe_sets(cfg: TrainConfig, tok, rows: int) -> dict[str, dict[str, np.ndarr
   out = {}
   for name, texts in docs.items():
     ids, loss, doc = pipeline.tokenize([[(t, True)] for t in texts], tok)
-    packed, _ = pipeline.pack(ids, loss, doc, cfg.seq_len, max_docs_per_row=cfg.data.max_docs_per_row)
+    packed, _ = pipeline.pack(
+      ids, loss, doc, cfg.seq_len, max_docs_per_row=cfg.data.max_docs_per_row
+    )
     if len(packed["inputs"]) < rows:
       raise ValueError(f"probe set {name!r} filled {len(packed['inputs'])} rows, need {rows}")
     out[name] = {k: v[:rows] for k, v in packed.items()}

@@ -38,15 +38,20 @@ def machine() -> str:
       cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
   except (OSError, StopIteration):
     pass
-  return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU threads ({cpu}), no accelerator"
+  cores = f"{os.cpu_count()} CPU threads ({cpu})"
+  return f"{platform.system()} {platform.machine()}, {cores}, no accelerator"
 
 
 def commit() -> str:
   def git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+    return subprocess.run(
+      ["git", *args], capture_output=True, text=True, check=False
+    ).stdout.strip()
 
   sha = git("rev-parse", "--short", "HEAD") or "unknown"
-  return sha + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+  return sha + (
+    " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+  )
 
 
 def _fmt(values: list[float]) -> str:
@@ -105,14 +110,24 @@ def plots(ab: Ablation, records: list[dict], outdir: str) -> list[tuple[str, str
   _plot_curves(ab, records, "tflops", os.path.join(outdir, out[1][0]), "training TFLOPs")
   if any("experts_code" in v for v in m.values()):
     keys = {f"experts_{s}": s for s in PROBE_SETS}
-    _plot_bars(m, keys, "experts per token", "experts per token by probe set", os.path.join(outdir, "experts_by_type.png"))
-    out.append(("experts_by_type.png", "mean experts per token (over MoE layers) by token type / difficulty"))
+    _plot_bars(
+      m,
+      keys,
+      "experts per token",
+      "experts per token by probe set",
+      os.path.join(outdir, "experts_by_type.png"),
+    )
+    out.append(
+      ("experts_by_type.png", "mean experts per token (over MoE layers) by token type / difficulty")
+    )
   if any("recall_by_distance" in r for r in records):
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in dict.fromkeys(r["arm"] for r in records):
       accs = [r["recall_by_distance"] for r in records if r["arm"] == arm]
       ds = sorted(accs[0], key=int)
-      ax.plot([int(d) for d in ds], [np.mean([a[d] for a in accs]) for d in ds], marker="o", label=arm)
+      ax.plot(
+        [int(d) for d in ds], [np.mean([a[d] for a in accs]) for d in ds], marker="o", label=arm
+      )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("key-value distance (tokens)")
     ax.set_ylabel("recall accuracy")
@@ -120,11 +135,25 @@ def plots(ab: Ablation, records: list[dict], outdir: str) -> list[tuple[str, str
     fig.tight_layout()
     fig.savefig(os.path.join(outdir, "recall_by_distance.png"), dpi=110)
     plt.close(fig)
-    out.append(("recall_by_distance.png", "synthetic key-value recall accuracy by distance (mean over seeds)"))
+    out.append(
+      (
+        "recall_by_distance.png",
+        "synthetic key-value recall accuracy by distance (mean over seeds)",
+      )
+    )
   return out
 
 
-def write_results(ab: Ablation, records: list[dict], *, outdir: str, command: str, seeds: int, quick: bool, wall_s: float) -> str:
+def write_results(
+  ab: Ablation,
+  records: list[dict],
+  *,
+  outdir: str,
+  command: str,
+  seeds: int,
+  quick: bool,
+  wall_s: float,
+) -> str:
   """Writes results.md and the plots into outdir; returns the markdown text."""
   m = arm_metrics(records)
   figures = plots(ab, records, outdir)

@@ -45,7 +45,9 @@ def main(argv):
   t0 = time.time()
   records = run_ablation(ab, seeds=seeds, quick=f.quick, outdir=outdir, workroot=workroot)
   command = "python " + shlex.join(["experiments/run.py", *sys.argv[1:]])
-  write_results(ab, records, outdir=outdir, command=command, seeds=seeds, quick=f.quick, wall_s=time.time() - t0)
+  write_results(
+    ab, records, outdir=outdir, command=command, seeds=seeds, quick=f.quick, wall_s=time.time() - t0
+  )
   print(f"results: {os.path.join(outdir, 'results.md')}")
 
 

@@ -22,15 +22,16 @@ from experiments.ablations.spec import Ablation, arm_config
 from qwen3_jax import config as C
 from qwen3_jax.train.loop import train
 
-
 # --quick: a slice of the embedded corpus (fast to read and tokenize; a smoke test only).
 QUICK_DATA = {"data.max_corpus_bytes": 200_000, "data.num_tasks": 400}
 
 
-def loop_settings(steps: int, quick: bool) -> dict:
-  """Overrides for evaluation, logging, checkpoints and (quick) data, equal for every arm."""
+def loop_settings(ab: Ablation, steps: int, quick: bool) -> dict:
+  """Overrides for evaluation, logging, checkpoints and (quick) data and shapes, equal for
+  every arm of `ab`."""
   return {
     **(QUICK_DATA if quick else {}),
+    **(ab.quick_overrides if quick else {}),
     "eval_every": steps if quick else max(steps // 8, 1),
     "eval_batches": 1 if quick else 8,
     "log_every": max(steps // 20, 1),
@@ -46,19 +47,35 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(ab: Ablation, arm_name: str, seed: int, *, steps: int, quick: bool, workdir: str, extra: dict, printer) -> tuple[dict, list[dict]]:
+def run_one(
+  ab: Ablation,
+  arm_name: str,
+  seed: int,
+  *,
+  steps: int,
+  quick: bool,
+  workdir: str,
+  extra: dict,
+  printer,
+) -> tuple[dict, list[dict]]:
   """Trains one arm under one seed in `workdir` (emptied first); returns (its record, the
   rows of its metrics.jsonl)."""
   arm = ab.arm(arm_name)
-  cfg = arm_config(ab, arm, seed=seed, steps=steps, extra={**loop_settings(steps, quick), **extra})
+  cfg = arm_config(
+    ab, arm, seed=seed, steps=steps, extra={**loop_settings(ab, steps, quick), **extra}
+  )
   shutil.rmtree(workdir, ignore_errors=True)
   summary = train(cfg, workdir, printer=lambda *_: None)
   logged = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   train_rows = [r for r in logged if "train/loss" in r]
   tps = [r["train/tokens_per_s"] for r in train_rows[1:]] or [train_rows[-1]["train/tokens_per_s"]]
   mcfg = cfg.model
-  experts = float(np.mean([r["train/experts_per_token"] for r in train_rows])) if mcfg.is_moe else 0.0
-  fpt = flops.train_flops_per_token(mcfg, cfg.seq_len, experts if mcfg.moe.routing == "topp" else None)
+  experts = (
+    float(np.mean([r["train/experts_per_token"] for r in train_rows])) if mcfg.is_moe else 0.0
+  )
+  fpt = flops.train_flops_per_token(
+    mcfg, cfg.seq_len, experts if mcfg.moe.routing == "topp" else None
+  )
   tokens_per_step = summary["tokens"] / max(summary["steps"], 1)
   total, active = C.param_count(mcfg)
   rec = {
@@ -77,7 +94,12 @@ def run_one(ab: Ablation, arm_name: str, seed: int, *, steps: int, quick: bool, 
     "mflops_per_token": fpt / 1e6,
     "total_tflops": fpt * summary["tokens"] / 1e12,
     "curve": [
-      {"step": r["step"], "tokens": r["step"] * tokens_per_step, "tflops": r["step"] * tokens_per_step * fpt / 1e12, "eval_ce": r["eval/ce"]}
+      {
+        "step": r["step"],
+        "tokens": r["step"] * tokens_per_step,
+        "tflops": r["step"] * tokens_per_step * fpt / 1e12,
+        "eval_ce": r["eval/ce"],
+      }
       for r in logged
       if "eval/ce" in r
     ],
@@ -88,7 +110,10 @@ def run_one(ab: Ablation, arm_name: str, seed: int, *, steps: int, quick: bool, 
   if ab.kv_recall:
     w = mcfg.attention.window
     acc = kv_recall.train_and_eval(
-      cfg, seq_len=8 * w + 64, distances=(w // 2, w, 2 * w, 4 * w, 8 * w), steps=steps,
+      cfg,
+      seq_len=8 * w + 64,
+      distances=(w // 2, w, 2 * w, 4 * w, 8 * w),
+      steps=steps,
       eval_rows=8 if quick else 64,
     )
     rec["recall_by_distance"] = {str(d): a for d, a in acc.items()}
@@ -100,7 +125,9 @@ def run_one(ab: Ablation, arm_name: str, seed: int, *, steps: int, quick: bool, 
   return rec, logged
 
 
-def run_ablation(ab: Ablation, *, seeds: int, quick: bool, outdir: str, workroot: str, printer=print) -> list[dict]:
+def run_ablation(
+  ab: Ablation, *, seeds: int, quick: bool, outdir: str, workroot: str, printer=print
+) -> list[dict]:
   """Runs every (seed, arm) of `ab` (the two quick arms with `quick`), appending each record to
   `outdir/runs.jsonl` and each run's logged metrics to `outdir/metrics.jsonl` as it finishes.
 
@@ -108,7 +135,10 @@ def run_ablation(ab: Ablation, *, seeds: int, quick: bool, outdir: str, workroot
   arms = list(ab.quick_arms) if quick else ab.arm_names
   steps = ab.quick_steps if quick else ab.steps
   os.makedirs(outdir, exist_ok=True)
-  runs_path, metrics_path = os.path.join(outdir, "runs.jsonl"), os.path.join(outdir, "metrics.jsonl")
+  runs_path, metrics_path = (
+    os.path.join(outdir, "runs.jsonl"),
+    os.path.join(outdir, "metrics.jsonl"),
+  )
   for p in (runs_path, metrics_path):
     open(p, "w").close()
   records, extra = [], {}
@@ -116,7 +146,9 @@ def run_ablation(ab: Ablation, *, seeds: int, quick: bool, outdir: str, workroot
   for seed in range(seeds):
     for arm in arms:
       workdir = os.path.join(workroot, ab.name, arm, f"seed{seed}")
-      rec, logged = run_one(ab, arm, seed, steps=steps, quick=quick, workdir=workdir, extra=extra, printer=printer)
+      rec, logged = run_one(
+        ab, arm, seed, steps=steps, quick=quick, workdir=workdir, extra=extra, printer=printer
+      )
       if not extra:  # every later run loads the tokenizer the first one trained
         extra = {"data.tokenizer": os.path.join(workdir, "tokenizer.json")}
       records.append(rec)

@@ -47,8 +47,14 @@ ABLATION = Ablation(
   arms=(
     Arm("full", "full causal", {"model.attention.kind": "full"}),
     Arm("window_only", f"window {WINDOW}, no globals", _sparse(0, 0)),
-    Arm("window_global_capped", f"window {WINDOW} + global every {EVERY}, cap {CAP}", _sparse(EVERY, CAP)),
-    Arm("window_global_uncapped", f"window {WINDOW} + global every {EVERY}, no cap", _sparse(EVERY, 0)),
+    Arm(
+      "window_global_capped",
+      f"window {WINDOW} + global every {EVERY}, cap {CAP}",
+      _sparse(EVERY, CAP),
+    ),
+    Arm(
+      "window_global_uncapped", f"window {WINDOW} + global every {EVERY}, no cap", _sparse(EVERY, 0)
+    ),
   ),
   quick_arms=("full", "window_global_capped"),
   comparisons=comparisons,
@@ -59,6 +65,7 @@ ABLATION = Ablation(
     "model.attention.window": WINDOW,
     "model.attention.block_size": WINDOW,
   },
+  quick_overrides={"seq_len": 128, "model.attention.window": 16, "model.attention.block_size": 16},
   probes=False,
   kv_recall=True,
   columns=("eval_ce", "us_per_token", "recall_near", "recall_far"),

@@ -20,8 +20,16 @@ ABLATION = Ablation(
   "(the issue's E16 k2 F512 vs E64 k8 F128 scaled by 1/8 with the model: hidden 64); the "
   "router differs (D*E: 1,024 vs 4,096 per layer).",
   arms=(
-    Arm("coarse_e16_k2", "E16 k2 F64", {"model.num_experts": 16, "model.num_experts_per_tok": 2, "model.moe_intermediate_size": 64}),
-    Arm("fine_e64_k8", "E64 k8 F16", {"model.num_experts": 64, "model.num_experts_per_tok": 8, "model.moe_intermediate_size": 16}),
+    Arm(
+      "coarse_e16_k2",
+      "E16 k2 F64",
+      {"model.num_experts": 16, "model.num_experts_per_tok": 2, "model.moe_intermediate_size": 64},
+    ),
+    Arm(
+      "fine_e64_k8",
+      "E64 k8 F16",
+      {"model.num_experts": 64, "model.num_experts_per_tok": 8, "model.moe_intermediate_size": 16},
+    ),
   ),
   quick_arms=("coarse_e16_k2", "fine_e64_k8"),
   comparisons=comparisons,

@@ -30,15 +30,30 @@ ABLATION = Ablation(
   "(D*E = 1,024 per layer). Same tokens per step, steps, optimizer and data order.",
   arms=(
     Arm("moe_e16_k2", "MoE, 16 experts top-2, F=32", {}),
-    Arm("dense_active", "dense, MLP 64 (= k F)", {"model.num_experts": 0, "model.intermediate_size": 2 * F}),
-    Arm("dense_total", "dense, MLP 512 (= E F)", {"model.num_experts": 0, "model.intermediate_size": 16 * F}),
+    Arm(
+      "dense_active",
+      "dense, MLP 64 (= k F)",
+      {"model.num_experts": 0, "model.intermediate_size": 2 * F},
+    ),
+    Arm(
+      "dense_total",
+      "dense, MLP 512 (= E F)",
+      {"model.num_experts": 0, "model.intermediate_size": 16 * F},
+    ),
   ),
   quick_arms=("moe_e16_k2", "dense_active"),
   comparisons=comparisons,
   steps=400,
   base={"model.num_experts": 16, "model.num_experts_per_tok": 2, "model.moe_intermediate_size": F},
   probes=False,
-  columns=("eval_ce", "total_params", "active_params", "mflops_per_token", "us_per_token", "total_tflops"),
+  columns=(
+    "eval_ce",
+    "total_params",
+    "active_params",
+    "mflops_per_token",
+    "us_per_token",
+    "total_tflops",
+  ),
   notes="Tiny models (hidden 64, 2 layers) for minutes of CPU: at this scale the comparison "
   "says little about billion-parameter models; the CE-vs-FLOPs plot shows the compute axis.",
 )

@@ -42,7 +42,11 @@ def comparisons(m):
 
 
 def _topp(p):
-  return {"model.moe.routing": "topp", "model.moe.top_p": p, "model.moe.dynamic_loss_coef": ENTROPY_COEF}
+  return {
+    "model.moe.routing": "topp",
+    "model.moe.top_p": p,
+    "model.moe.dynamic_loss_coef": ENTROPY_COEF,
+  }
 
 
 ABLATION = Ablation(

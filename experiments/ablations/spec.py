@@ -68,6 +68,7 @@ class Ablation:
   comparisons: Comparisons
   steps: int  # optimizer steps of a full run
   quick_steps: int = 4
+  quick_overrides: dict = dataclasses.field(default_factory=dict)  # --quick only: smaller shapes
   base: dict = dataclasses.field(default_factory=dict)  # overrides shared by every arm
   probes: bool = True  # per-token-type routing probes after training (MoE arms)
   kv_recall: bool = False  # also train + evaluate the synthetic key-value recall task
