@@ -131,9 +131,11 @@ def run_ablation(
   """Runs every (seed, arm) of `ab` (the two quick arms with `quick`), appending each record to
   `outdir/runs.jsonl` and each run's logged metrics to `outdir/metrics.jsonl` as it finishes.
 
+  steps: optimizer steps per run (None = `ab.quick_steps` or `ab.steps`).
+
   Returns the records, seed-major (seed 0's arms first)."""
   arms = list(ab.quick_arms) if quick else ab.arm_names
-  steps = ab.quick_steps if quick else ab.steps
+  steps = steps or (ab.quick_steps if quick else ab.steps)
   os.makedirs(outdir, exist_ok=True)
   runs_path, metrics_path = (
     os.path.join(outdir, "runs.jsonl"),

@@ -54,9 +54,10 @@ def test_flops_hand_computed():
   )
   # Full causal, L=4: mean keys (1+2+3+4)/4 = 2.5.
   assert flops.mean_context(cfg, 0, 4) == 2.5
-  # MACs: head 4*10 + proj 4*2*(4+2) + scores 2*2*2*2.5 + router 4*4 + experts 2*3*4*3 = 222.
-  assert flops.train_flops_per_token(cfg, 4) == 6 * 222
-  assert flops.train_flops_per_token(cfg, 4, experts_per_token=1.0) == 6 * (222 - 36)
+  # MACs: head 4*10 + projections 4*2*(4+2) + scores 2*2*2*2.5 + router 4*4 + experts
+  # 2*3*4*3 = 40 + 48 + 20 + 16 + 72 = 196.
+  assert flops.train_flops_per_token(cfg, 4) == 6 * 196
+  assert flops.train_flops_per_token(cfg, 4, experts_per_token=1.0) == 6 * (196 - 36)
   # Sparse, window 2, a global every 2, cap 1: window keys 1,2,2,2 + globals 1,1,1,1 -> 2.75.
   att = C.AttentionConfig(kind="sparse", window=2, global_every=2, max_globals=1)
   assert flops.mean_context(cfg.replace(attention=att), 0, 4) == 2.75
