@@ -126,7 +126,14 @@ def run_one(
 
 
 def run_ablation(
-  ab: Ablation, *, seeds: int, quick: bool, outdir: str, workroot: str, printer=print
+  ab: Ablation,
+  *,
+  seeds: int,
+  quick: bool,
+  outdir: str,
+  workroot: str,
+  steps: int | None = None,
+  printer=print,
 ) -> list[dict]:
   """Runs every (seed, arm) of `ab` (the two quick arms with `quick`), appending each record to
   `outdir/runs.jsonl` and each run's logged metrics to `outdir/metrics.jsonl` as it finishes.
