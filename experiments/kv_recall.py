@@ -42,12 +42,15 @@ def make_rows(rng: np.random.Generator, n: int, seq_len: int, distances, per_dis
   for r in range(n):
     used = np.zeros(seq_len + 1, bool)
     keys = rng.choice(np.arange(*KEYS), num_pairs, replace=False)
-    for i, d in enumerate(np.repeat(distances, per_distance)):
-      while True:  # rejection: free slots for p, p + 1, q, q + 1
+    # Longest distances first (fewest places fit them); rejection sampling of free slots.
+    for i, d in enumerate(np.repeat(sorted(distances, reverse=True), per_distance)):
+      for _ in range(10_000):
         p = int(rng.integers(0, seq_len - d))
         slots = [p, p + 1, p + d, p + d + 1]
         if not used[slots].any():
           break
+      else:
+        raise ValueError(f"no free slots for a pair at distance {d} in a row of {seq_len}")
       used[slots] = True
       v = rng.integers(*VALUES)
       row[r, slots] = (keys[i], v, keys[i], v)
