@@ -171,6 +171,13 @@ def write_results(
     f"- machine: {machine()}",
     f"- {len(m)} arms x {seeds} seed(s), {records[0]['steps']} steps each; total run time "
     f"{wall_s / 60:.1f} min",
+  ]
+  if not quick and (records[0]["steps"] < ab.steps or seeds < 3):
+    lines.append(
+      f"- **reduced run**: {records[0]['steps']} steps (full: {ab.steps}) and {seeds} seed(s) "
+      "(full: 3), to fit the time this machine had; intervals are correspondingly wider"
+    )
+  lines += [
     "",
     "## Arms (mean +- std over seeds)",
     "",
