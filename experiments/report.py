@@ -49,9 +49,9 @@ def commit() -> str:
     ).stdout.strip()
 
   sha = git("rev-parse", "--short", "HEAD") or "unknown"
-  return sha + (
-    " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-  )
+  # Results being written (experiments/results/) do not count as a change to the code.
+  dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!experiments/results")
+  return sha + (" (with uncommitted changes)" if dirty else "")
 
 
 def _fmt(values: list[float]) -> str:
