@@ -54,6 +54,8 @@ ABLATION = Ablation(
   comparisons=comparisons,
   steps=200,
   base={"model.num_experts": 16, "micro_batches": MICRO_BATCHES},
+  # --quick: micro-batches of 8 rows, so that 8 data-parallel (simulated) devices divide them.
+  quick_overrides={"micro_batches": 2},
   columns=("eval_ce", "load_cv", "dropped_fraction", "mi_type_expert"),
   notes="Specialisation = mutual information (nats, averaged over MoE layers) between the "
   "document type (code, chat, arithmetic) of a token and the experts it is routed to, on "
