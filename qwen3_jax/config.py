@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 STRATEGIES = ("auto", "dense", "dropless_blocks", "dropless_ragged", "capacity")
 ROUTINGS = ("topk", "topp")
-BALANCES = ("global", "sequence")
+BALANCES = ("global", "micro_batch", "sequence")
 REMATS = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("full", "sparse")
@@ -60,7 +60,10 @@ class MoEConfig:
   max_experts: int = 8  # topp: never more than this many experts per token (at least 1).
   dynamic_loss_coef: float = 0.0  # Weight of the router-entropy loss (topp routing).
   router_z_loss_coef: float = 0.0  # Weight of the router z-loss (ST-MoE), logsumexp^2.
-  balance: str = "global"  # Load-balance statistics over the "global" batch or per "sequence".
+  # Load-balance statistics (f, P): over the "global" batch (every data shard and every
+  # micro-batch of a gradient-accumulation step), over each "micro_batch" separately (every
+  # data shard, one micro-batch: what most frameworks do), or per "sequence".
+  balance: str = "global"
   # Dispatch (qwen3_jax/model/dispatch.py). "auto" = exact (dropless) on every platform:
   # dropless_blocks on CPU, dropless_ragged on GPU/TPU. "dense" = every expert on every token
   # (reference). "capacity" DROPS slots past C = ceil(capacity_factor * T * k / E) per expert.

@@ -13,6 +13,7 @@ from flax import nnx
 from configs import common, pretrain
 from qwen3_jax import config as C
 from qwen3_jax import sharding as shd
+from qwen3_jax.model import moe as moe_lib
 from qwen3_jax.train import resume
 from qwen3_jax.train.config import OptimConfig, TrainConfig
 from qwen3_jax.train.optimizer import decay_mask, schedule
@@ -66,6 +67,56 @@ def test_grad_accumulation_equals_big_batch(mesh8):
   for a, b, c in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batch_balance_hand_computed():
+  """`moe.balance="micro_batch"`: each micro-batch's f and P, weighted by its token share."""
+  cfg = C.tiny(num_experts=4, router_aux_loss_coef=1.0, moe=C.MoEConfig(balance="micro_batch"))
+  # Micro-batch 1 (1/4 of the tokens): f = [1, 0, 0, 0], P = [.7, .1, .1, .1] -> 4 * 0.7 = 2.8.
+  # Micro-batch 2 (3/4): f = [0, .5, .5, 0], P = [.1, .4, .4, .1] -> 4 * (.2 + .2) = 1.6.
+  mbs = [
+    ([1.0, 0.0, 0.0, 0.0], [0.7, 0.1, 0.1, 0.1], 0.25),
+    ([0.0, 0.5, 0.5, 0.0], [0.1, 0.4, 0.4, 0.1], 0.75),
+  ]
+  # The global batch's f (what "global" uses): 0.25 f1 + 0.75 f2; passing it must not matter.
+  f_global = jnp.array([[0.25, 0.375, 0.375, 0.0]])
+  glob = cfg.replace(moe=C.MoEConfig(balance="global"))
+  total = total_g = 0.0
+  for f, p, share in mbs:
+    stats = {
+      "expert_fraction": jnp.array([f]),
+      "expert_prob": jnp.array([p]),
+      "router_z_loss": jnp.float32(0),
+      "dynamic_loss": jnp.float32(0),
+    }
+    total += moe_lib.aux_losses(stats, cfg, fraction=f_global, tok_share=share)["aux_loss"]
+    total_g += moe_lib.aux_losses(stats, glob, fraction=f_global, tok_share=share)["aux_loss"]
+  np.testing.assert_allclose(total, 0.25 * 2.8 + 0.75 * 1.6, rtol=1e-6)  # = 1.9
+  # Global: P = .25 P1 + .75 P2 = [.25, .325, .325, .1] -> 4 * 0.30625 = 1.225.
+  np.testing.assert_allclose(total_g, 1.225, rtol=1e-6)
+
+
+def test_micro_batch_balance_in_the_train_step(mesh8):
+  """With 2 micro-batches the step's load-balance loss is the token-share-weighted sum of the
+  model's own (per-call) value on each micro-batch (rows j, j + 2, ...), not the global one."""
+  model_cfg = _model().replace(moe=C.MoEConfig(strategy="dense", balance="micro_batch"))
+  cfg = TrainConfig(num_steps=2, batch_size=16, seq_len=16, micro_batches=2, model=model_cfg)
+  prog = make_program(cfg, mesh8)
+  state = prog.init()
+  batch = _batch(16, 16)
+  _, m = prog.grads(state.params, jax.device_put(batch, prog.batch_sharding))
+  lb = jax.jit(
+    lambda p, x, s: nnx.merge(prog.graphdef, p)(x, segment_ids=s).aux["load_balance_loss"]
+  )
+  n_tok = (batch["segment_ids"] > 0).sum()
+  ref = 0.0
+  with shd.use_mesh(mesh8):
+    for j in range(2):
+      x, seg = batch["inputs"][j::2], batch["segment_ids"][j::2]
+      ref += float(lb(state.params, x, seg)) * (seg > 0).sum() / n_tok
+    whole = float(lb(state.params, batch["inputs"], batch["segment_ids"]))
+  np.testing.assert_allclose(float(m["load_balance_loss"]), ref, rtol=1e-5)
+  assert abs(ref - whole) > 1e-4  # really not the global value
 
 
 def test_compiles_once_and_overfits():

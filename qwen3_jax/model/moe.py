@@ -84,7 +84,8 @@ def router_stats(
 
   Args:
     logits, probs: [T, E]; ids, active: [T, k]; token_mask: [T] (False for padding).
-    balance: "global" (f, P over all tokens) or "sequence" (per row of `seq_len` tokens).
+    balance: "global" or "micro_batch" (f, P over all tokens of this call) or "sequence" (per
+      row of `seq_len` tokens).
     reduce_axes: mesh axes to psum over (inside shard_map), () otherwise.
   """
   psum = (lambda x: jax.lax.psum(x, reduce_axes)) if reduce_axes else (lambda x: x)
@@ -97,7 +98,7 @@ def router_stats(
   n_slot = jnp.maximum(counts.sum(), 1.0)
   fraction = jax.lax.stop_gradient(counts / n_slot)
   prob = psum((probs * m[:, None]).sum(0)) / jnp.maximum(n_tok, 1.0)  # [E]
-  if balance == "global":
+  if balance != "sequence":
     lb = load_balance_loss(fraction, prob)
   else:  # per sequence, then averaged over (non-empty) sequences
     ms = m.reshape(-1, seq_len)
@@ -137,6 +138,9 @@ def aux_losses(
 
   "global" balance: load_balance = mean over MoE layers of `load_balance_loss(f, P)` (f sums
   to 1 per layer; HF's `router_aux_loss_coef` is k times smaller, see `hf.config_from_hf`).
+  "micro_batch" balance: the same, always with this batch's own f (`fraction` is ignored), so
+  under gradient accumulation the loss is sum_j share_j * E * sum_i f_ij P_ij over
+  micro-batches j, f_ij and P_ij taken over micro-batch j alone.
   "sequence" balance: the layer mean of `stats["load_balance_loss"]` (per-sequence f, P).
 
   Args:
@@ -152,8 +156,9 @@ def aux_losses(
     {"aux_loss", "load_balance_loss", "router_z_loss", "dynamic_loss"}: float32 scalars,
     each term already scaled by its share and the total weighted by the coefficients.
   """
-  if cfg.moe.balance == "global":
-    f = stats["expert_fraction"] if fraction is None else fraction
+  if cfg.moe.balance != "sequence":
+    own = fraction is None or cfg.moe.balance == "micro_batch"
+    f = stats["expert_fraction"] if own else fraction
     lb = jnp.mean(load_balance_loss(f, stats["expert_prob"])) * tok_share
   else:
     lb = stats["load_balance_loss"] * seq_share

@@ -6,7 +6,8 @@ coefficients come from `moe.aux_losses`, the function that also gives the model'
 `aux["aux_loss"]`. The load-balance loss is L = E * sum_i f_i P_i per MoE layer, averaged over
 layers, with f (stop-gradient) taken from the whole global batch (`f_global`, summed over
 micro-batches in a forward pre-pass) and P the micro-batch's mean router probability weighted by
-its share of the tokens: linear in P, so the micro-batch sum is the big-batch loss.
+its share of the tokens: linear in P, so the micro-batch sum is the big-batch loss. With
+`moe.balance="micro_batch"` each micro-batch takes its own f instead (no pre-pass).
 """
 
 from __future__ import annotations

@@ -233,7 +233,8 @@ class Program(Compiled):
 
 def moe_counts_fn(graphdef, mcfg: ModelConfig):
   """(params, micro_batch) -> tokens_per_expert, forward only, for `accumulate_grads`'s
-  global-balance pre-pass; None when the model has no MoE layer or balances per sequence.
+  global-balance pre-pass; None when the model has no MoE layer or balances per sequence or
+  per micro-batch (each micro-batch's loss then takes its own f).
   The micro-batch holds `inputs` and `segment_ids` (`forward`)."""
   if not (mcfg.is_moe and mcfg.moe.balance == "global"):
     return None
