@@ -1,6 +1,7 @@
 r"""Benchmarks: prints a table and one JSON line per row.
 
-python scripts/benchmark.py --suite=moe|train|attention|breakdown|layers|sampling|decode|rl|serve|all
+python scripts/benchmark.py --suite=SUITE (moe | train | attention | breakdown | layers | sampling |
+  decode | rl | serve | all)
 """
 
 import importlib
