@@ -1,0 +1,116 @@
+"""Collectives of an optimised HLO module (the text of `Compiled.as_text()`), by kind.
+
+Each collective instruction is counted once where it appears: an op inside a loop body (a
+scanned layer stack) counts once, not once per iteration (`report.py` extrapolates over depth).
+Bytes are the size of the op's result buffer on one chip; wire bytes are what one chip sends
+with ring algorithms over a group of n chips: all-gather S (n - 1) / n of its output S,
+reduce-scatter S (n - 1) of its output (its input is n S), all-reduce 2 S (n - 1) / n,
+all-to-all and ragged-all-to-all S (n - 1) / n (a ragged exchange's output buffer is sized
+for the worst case, so this is an upper bound), collective-permute S.
+"""
+
+from __future__ import annotations
+
+import re
+
+KINDS = (
+  "all-gather",
+  "reduce-scatter",
+  "all-reduce",
+  "all-to-all",
+  "ragged-all-to-all",
+  "collective-permute",
+)
+DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "bf16": 2,
+  "f16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
+# `%name = SHAPE opcode(` with opcode a collective or its async -start form.
+_OP = re.compile(
+  r"=\s+(?P<shape>\(.*?\)|\S+)\s+(?P<op>"
+  + "|".join(re.escape(k) for k in KINDS)
+  + r")(?:-start)?\("
+)
+_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
+_PAIRS = re.compile(r"source_target_pairs=")
+
+
+def array_bytes(shape: str) -> list[int]:
+  """Bytes of every array in an HLO shape string ("bf16[8,128]{1,0}" or a tuple of them)."""
+  out = []
+  for m in _ARRAY.finditer(shape):
+    if m["dtype"] not in DTYPE_BYTES:
+      continue
+    n = 1
+    for d in filter(None, m["dims"].split(",")):
+      n *= int(d)
+    out.append(n * DTYPE_BYTES[m["dtype"]])
+  return out
+
+
+def group_size(line: str) -> int:
+  """Chips per replica group of a collective instruction (1 when it names none). Forms:
+  `{{0,1},{2,3}}`, iota `[2,2]<=[4]`, and `mesh['axis_0'=2,'axis_1'=2] {'axis_1'}`."""
+  m = _GROUPS_LIST.search(line)
+  if m:
+    return max(1, len([x for x in m["first"].split(",") if x]))
+  m = _GROUPS_IOTA.search(line)
+  if m:
+    return int(m["dims"].split(",")[-1])
+  m = _GROUPS_MESH.search(line)
+  if m:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: groups over the listed axes
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m["axes"]))
+    n = 1
+    for axis in re.findall(r"'([^']+)'", m["over"]):
+      n *= int(sizes[axis])
+    return n
+  return 2 if _PAIRS.search(line) else 1
+
+
+def wire_bytes(kind: str, size: int, n: int) -> float:
+  """Bytes one chip sends for a collective of result size `size` over a group of n chips."""
+  if n <= 1:
+    return 0.0
+  if kind == "all-reduce":
+    return 2.0 * size * (n - 1) / n
+  if kind == "reduce-scatter":
+    return float(size * (n - 1))
+  if kind == "collective-permute":
+    return float(size)
+  return size * (n - 1) / n
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+  """{kind: {"count", "bytes", "wire_bytes"}} over the module's collective instructions.
+
+  A tuple-shaped result counts as the sum of its arrays for all-reduce (a combined
+  all-reduce) and as its largest array otherwise (an async start's tuple also holds its
+  operand).
+  """
+  out = {k: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for k in KINDS}
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if m is None:
+      continue
+    kind = m["op"]
+    sizes = array_bytes(m["shape"]) or [0]
+    size = sum(sizes) if kind == "all-reduce" else max(sizes)
+    row = out[kind]
+    row["count"] += 1
+    row["bytes"] += size
+    row["wire_bytes"] += wire_bytes(kind, size, group_size(line))
+  return out
