@@ -32,6 +32,7 @@ flags.DEFINE_bool("probe", True, "Compile 1- and 2-period unrolled probes for pe
 flags.DEFINE_bool("search", False, "Try candidate meshes x remat policies; rank by MFU.")
 flags.DEFINE_integer("max_candidates", 8, "--search: most candidates compiled.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_string("hlo_out", "", "Write the optimised HLO text here (i-th candidate: .i).")
 
 
 def parse_mesh(text: str):
@@ -73,7 +74,7 @@ def main(argv):
   else:
     pairs = [(parse_mesh(f.mesh), model.remat)]
   rows = []
-  for mesh_cfg, remat in pairs:
+  for i, (mesh_cfg, remat) in enumerate(pairs):
     spec = report.Spec(
       model=model.replace(remat=remat),
       mesh=mesh_cfg,
@@ -85,7 +86,10 @@ def main(argv):
     )
     mesh = sharding.make_mesh(mesh_cfg, devices)
     try:
-      row = report.analyse(spec, mesh, chip, probe=f.probe)
+      hlo_path = f.hlo_out and (f"{f.hlo_out}.{i}" if f.search else f.hlo_out)
+      row = report.analyse(
+        spec, mesh, chip, probe=f.probe, log=lambda m: print(m, flush=True), hlo_path=hlo_path
+      )
     except Exception as e:  # noqa: BLE001  (a search reports failing candidates and goes on)
       if not f.search:
         raise
@@ -100,7 +104,8 @@ def main(argv):
   print(report.table(rows))
   for r in rows:
     if r["fits"] is False:
-      print(f"does not fit ({r['memory']['total'] / 2**30:.1f} GiB); largest arguments per chip:")
+      need = r.get("compile_error") or f"{r['memory']['total'] / 2**30:.1f} GiB"
+      print(f"does not fit ({need}); largest arguments per chip:")
       for b in r["largest_arguments"]:
         print(f"  {b['bytes'] / 2**30:8.2f} GiB {b['path']} {b['shape']} {b['spec']}")
   if f.out:

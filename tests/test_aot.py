@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from qwen3_jax import config as C
@@ -63,6 +64,34 @@ def test_collectives_from_hlo_text():
   assert c["all-to-all"]["count"] == c["collective-permute"]["count"] == 0
 
 
+def test_per_step_collectives_count_loop_bodies_by_trip_count():
+  text = "\n".join(
+    [
+      "%cond (p: (s32[])) -> pred[] {",
+      "  %i = s32[] get-tuple-element(%p), index=0",
+      "  %n = s32[] constant(12)",
+      "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+      "}",
+      "%body (p: (s32[])) -> (s32[]) {",
+      "  %ag = f32[256]{0} all-gather(%x), replica_groups={{0,1,2,3}}",
+      "}",
+      "%fused (a: f32[4]) -> f32[4] {",
+      "  %f = f32[4]{0} add(%a, %a)",
+      "}",
+      "ENTRY %main (a: f32[4]) -> f32[4] {",
+      "  %w = (s32[]) while(%t), condition=%cond, body=%body",
+      "  %g = f32[64]{0} fusion(%a), kind=kLoop, calls=%fused",
+      "  %ar = f32[64]{0} all-reduce(%g), replica_groups={{0,1}}",
+      "}",
+    ]
+  )
+  runs, fused = hlo.executions(text)
+  assert runs == {"cond": 12, "body": 12, "fused": 1, "main": 1} and fused == {"fused"}
+  c = hlo.per_step(text)["collectives"]
+  assert c["all-gather"] == {"count": 12, "bytes": 12 * 1024, "wire_bytes": 12 * 1024 * 3 / 4}
+  assert c["all-reduce"] == {"count": 1, "bytes": 256, "wire_bytes": 256}
+
+
 def test_analytic_flops_by_hand():
   cfg = C.tiny(num_experts=0, vocab_size=128)  # dense: every parameter is active
   d, i, hd, h, k, v, n = 64, 96, 16, 4, 2, 128, 2
@@ -81,6 +110,8 @@ def test_roofline_takes_the_slowest_resource():
   r = report.roofline(costs, model_flops=459e12 * 0.3 * 4, chips=4, chip=chip)
   assert r["bound"] == "hbm" and r["step_s"] == pytest.approx(0.8)
   assert r["mfu"] == pytest.approx(0.3 / 0.8)
+  no_hbm = report.roofline({**costs, "bytes": None}, 459e12 * 0.3 * 4, chips=4, chip=chip)
+  assert no_hbm["bound"] == "compute" and "hbm_s" not in no_hbm
 
 
 def test_search_meshes_are_valid_and_ordered():
@@ -114,13 +145,17 @@ def test_tpu_topology_train_step_is_dropless_and_sharded():
   mesh = shd.make_mesh(mesh_cfg, devices)
   cfg = C.tiny(num_hidden_layers=4, scan_layers=True, dtype="bfloat16")
   spec = report.Spec(model=cfg, mesh=mesh_cfg, batch=8, seq_len=64)
-  r = report.analyse(spec, mesh, chips.chip_of("v5p:2x2x1"), probe=False)
+  # conftest asks for "highest" (float32) matmul precision; libtpu's grouped-matmul kernel
+  # refuses it for bf16 operands ("Mosaic failed to compile TPU kernel: Bad lhs type").
+  with jax.default_matmul_precision("default"):
+    r = report.analyse(spec, mesh, chips.chip_of("v5p:2x2x1"), probe=False)
   m = r["memory"]
   assert min(m["argument"], m["output"], m["temp"], m["code"]) > 0 and r["fits"]
   assert m["alias"] >= 0.99 * m["argument"]  # the state is donated
   hand = adam_state_bytes_by_hand(cfg, dict(mesh.shape))
-  # TPU layouts pad small dims to (8, 128) tiles: arguments hold at least the hand count.
-  assert hand <= m["argument"] <= 3 * hand
+  # TPU layouts pad the last two dims to (8, 128) tiles, and tiny's are small (head_dim 16,
+  # D 64): the arguments hold the hand count plus padding (3.5x here; exact on CPU below).
+  assert hand <= m["argument"] <= 4 * hand
   coll = r["collectives_in_hlo"]
   assert coll["ragged-all-to-all"]["count"] > 0  # the dropless exchange, not capacity buffers
   assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights

@@ -8,6 +8,7 @@ topology never import it.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -68,6 +69,9 @@ def topology_devices(topology: str) -> list[jax.Device]:
       f"--topology={topology} needs libtpu's compiler: pip install -e '.[tpu]' "
       "(jax[tpu] at the core jax version)"
     )
+  # A compile-only use holds no TPU: let it share libtpu with other processes (libtpu takes a
+  # host-wide lock file otherwise, and a second AOT process would fail).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)

@@ -1,7 +1,9 @@
 """Collectives of an optimised HLO module (the text of `Compiled.as_text()`), by kind.
 
-Each collective instruction is counted once where it appears: an op inside a loop body (a
-scanned layer stack) counts once, not once per iteration (`report.py` extrapolates over depth).
+`collectives` counts each collective instruction once where it appears: an op inside a loop
+body (a scanned layer stack) counts once. `per_step` weighs each computation by how often it
+runs: loop bodies by their trip counts (XLA's known trip count, else the bound constant of the
+loop condition).
 Bytes are the size of the op's result buffer on one chip; wire bytes are what one chip sends
 with ring algorithms over a group of n chips: all-gather S (n - 1) / n of its output S,
 reduce-scatter S (n - 1) of its output (its input is n S), all-reduce 2 S (n - 1) / n,
@@ -114,3 +116,86 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     row["bytes"] += size
     row["wire_bytes"] += wire_bytes(kind, size, group_size(line))
   return out
+
+
+# ----------------------------------------------------------------------------- per step
+
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_INSTR = re.compile(
+  r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s+=\s+(?P<shape>\(.*?\)|\S+)\s+(?P<op>[\w\-]+)\((?P<args>[^)]*)\)"
+)
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)=")
+_NAMES = re.compile(r"%([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONST = re.compile(r"constant\((\d+)\)")
+
+
+# Ops that move no data of their own (views, tuples, control flow, parameters).
+def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+  """{computation name: its instruction lines} in text order, and the entry's name."""
+  comps, entry, current = {}, "", None
+  for line in text.splitlines():
+    m = _COMP.match(line)
+    if m:
+      current = m["name"]
+      comps[current] = []
+      if line.startswith("ENTRY"):
+        entry = current
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  return comps, entry
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+  """Iterations of a while loop: XLA's known trip count, else the loop bound constant of its
+  condition (`i < N`), else 1."""
+  m = _TRIP.search(line)
+  if m:
+    return int(m[1])
+  cond = re.search(r"condition=%([\w.\-]+)", line)
+  consts = [int(c) for c in _CONST.findall("\n".join(comps.get(cond[1], [])))] if cond else []
+  return max(consts, default=1) or 1
+
+
+def executions(text: str) -> tuple[dict[str, int], set[str]]:
+  """How many times each computation runs per call of the module (loop bodies times their
+  trip counts), and the set of fusion and reducer computations (no collective inside)."""
+  comps, entry = _computations(text)
+  runs = {name: 0 for name in comps}
+  runs[entry] = 1
+  fused: set[str] = set()
+  for name in reversed(list(comps)):  # callers are printed after their callees
+    for line in comps[name]:
+      if not _CALLEE.search(line):
+        continue
+      m = _INSTR.match(line)
+      op = m["op"] if m else ""
+      trips = _trip_count(line, comps) if op == "while" else 1
+      for attr in re.finditer(
+        r"(calls|to_apply|body|condition|branch_computations|called_computations)="
+        r"(\{[^}]*\}|%[\w.\-]+)",
+        line,
+      ):
+        for callee in _NAMES.findall(attr[2]):
+          if callee in runs:
+            runs[callee] += runs[name] * (trips if attr[1] in ("body", "condition") else 1)
+            if op == "fusion" or attr[1] == "to_apply":
+              fused.add(callee)
+  return runs, fused
+
+
+def per_step(text: str) -> dict:
+  """Collectives (as `collectives`) of one call of the module: each op counted as often as
+  its computation runs (a scanned layer stack's ops once per layer group)."""
+  comps, _ = _computations(text)
+  runs, fused = executions(text)
+  coll = {k: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for k in KINDS}
+  for name, lines in comps.items():
+    if runs[name] == 0 or name in fused:
+      continue
+    for kind, row in collectives("\n".join(lines)).items():
+      for field in row:
+        coll[kind][field] += runs[name] * row[field]
+  return dict(collectives=coll, wire_bytes=sum(c["wire_bytes"] for c in coll.values()))

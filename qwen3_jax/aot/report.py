@@ -21,6 +21,7 @@ import resource
 import time
 from collections.abc import Callable
 
+import jax
 from jax.sharding import Mesh
 
 from qwen3_jax.aot import flops, hlo
@@ -31,6 +32,9 @@ from qwen3_jax.model.period import layer_period
 from qwen3_jax.train.config import TrainConfig
 
 STEPS = ("train", "decode")
+# Executed / model FLOPs of a train step without the depth probe: full remat runs the forward
+# twice (8 instead of 6 FLOPs per parameter and token); dots keeps the matmul outputs.
+REMAT_FLOPS = {"none": 1.0, "dots": 1.0, "full": 4.0 / 3.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,7 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(lowered: Lowered) -> dict:
+def measure(lowered: Lowered, hlo_path: str = "") -> dict:
   """Compiles and reads memory, XLA costs and collectives (loop bodies once), with the compile's
   wall and CPU seconds."""
   t0, c0 = time.perf_counter(), time.process_time()
@@ -95,12 +99,17 @@ def measure(lowered: Lowered) -> dict:
     memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + memory["code"]
   )
   cost = compiled.cost_analysis()
+  text = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(text)
   return dict(
     compile_s=compile_s,
     compile_cpu_s=compile_cpu_s,  # all threads: the wall time on a shared host varies
     memory=memory,
     xla=dict(flops=float(cost.get("flops", 0.0)), bytes=float(cost.get("bytes accessed", 0.0))),
-    collectives=hlo.collectives(compiled.as_text()),
+    collectives=hlo.collectives(text),
+    per_step_hlo=hlo.per_step(text),
   )
 
 
@@ -140,12 +149,14 @@ def per_step_costs(spec: Spec, mesh: Mesh, lower: Callable | None = None) -> dic
 
 
 def roofline(costs: dict, model_flops: float, chips: int, chip: Chip) -> dict:
-  """Step time bound and MFU on paper from per-step, per-chip costs."""
+  """Step time bound and MFU on paper from per-step, per-chip costs; costs["bytes"] None
+  leaves the HBM term out."""
   times = dict(
     compute_s=costs["flops"] / chip.peak_flops,
-    hbm_s=costs["bytes"] / chip.hbm_bw,
+    hbm_s=None if costs["bytes"] is None else costs["bytes"] / chip.hbm_bw,
     ici_s=costs["wire_bytes"] / chip.ici_bw,
   )
+  times = {k: v for k, v in times.items() if v is not None}
   step_s = max(times.values())
   return dict(
     **times,
@@ -155,10 +166,18 @@ def roofline(costs: dict, model_flops: float, chips: int, chip: Chip) -> dict:
   )
 
 
-def analyse(spec: Spec, mesh: Mesh, chip: Chip | None, probe: bool = True) -> dict:
-  """The full study of one spec on one mesh (module docstring); a JSON-able dict."""
+def analyse(
+  spec: Spec,
+  mesh: Mesh,
+  chip: Chip | None,
+  probe: bool = True,
+  log=lambda msg: None,
+  hlo_path: str = "",
+) -> dict:
+  """The full study of one spec on one mesh (module docstring); a JSON-able dict. `log`
+  receives a line before each compile; `hlo_path`: write the optimised HLO text there."""
+  log(f"compiling the {spec.step} step on {dict(mesh.shape)}")
   lowered = spec.lower(mesh)
-  result = measure(lowered)
   chips = mesh.size
   model_flops = spec.model_flops()
   out = dict(
@@ -170,21 +189,41 @@ def analyse(spec: Spec, mesh: Mesh, chip: Chip | None, probe: bool = True) -> di
     seq_len=spec.seq_len,
     remat=spec.model.remat,
     dtype=spec.model.dtype,
+    largest_arguments=per_chip_buffers(lowered.args, top=8),
+    model_flops=model_flops,
+  )
+  try:
+    result = measure(lowered, hlo_path)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # libtpu refuses a program that cannot fit the chip's HBM: that is the answer.
+    out.update(fits=False, memory=None, compile_error=str(e).splitlines()[0][:400])
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+  out.update(
     compile_s=result["compile_s"],
     compile_cpu_s=result["compile_cpu_s"],
     memory=result["memory"],
     fits=None if chip is None else result["memory"]["total"] <= chip.hbm_bytes,
-    largest_arguments=per_chip_buffers(lowered.args, top=8),
     xla_loop_bodies_once=result["xla"],
     collectives_in_hlo=result["collectives"],
-    model_flops=model_flops,
   )
+  out["per_step_collectives_hlo"] = result["per_step_hlo"]
   if probe:
+    log(f"compiled in {result['compile_s']:.0f} s; depth probe (two small compiles)")
     costs = per_step_costs(spec, mesh)
-    out["per_step"] = costs
     out["xla_over_model_flops"] = costs["flops"] * chips / model_flops
-    if chip is not None:
-      out["roofline"] = roofline(costs, model_flops, chips, chip)
+  else:
+    costs = dict(
+      flops=model_flops * REMAT_FLOPS[spec.model.remat if spec.step == "train" else "none"] / chips,
+      bytes=None,
+      wire_bytes=result["per_step_hlo"]["wire_bytes"],
+      source="analytic FLOPs x remat factor; collectives of the HLO by trip count; no HBM term",
+    )
+  out["per_step"] = costs
+  if chip is not None:
+    out["roofline"] = roofline(costs, model_flops, chips, chip)
   out["peak_rss_bytes"] = peak_rss_bytes()
   return out
 
@@ -196,7 +235,7 @@ def _gib(x: float) -> str:
 def table(rows: list[dict]) -> str:
   """A markdown table of `analyse` results, one row each."""
   head = (
-    "| step | mesh (d,f,e,t) | remat | GiB/chip (arg+out-alias+temp) | fits | coll. wire GiB/step "
+    "| step | mesh (d,f,e,t) | remat | GiB/chip | fits | coll. wire GiB/step "
     "| XLA/model FLOPs | bound | step ms | MFU | compile s |"
   )
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -206,12 +245,13 @@ def table(rows: list[dict]) -> str:
     step = r.get("per_step", {})
     roof = r.get("roofline", {})
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    memory = "compiler: does not fit" if r["memory"] is None else _gib(r["memory"]["total"])
     lines.append(
-      f"| {r['step']} | {mesh} | {r['remat']} | {_gib(r['memory']['total'])} | "
+      f"| {r['step']} | {mesh} | {r['remat']} | {memory} | "
       f"{'-' if r['fits'] is None else ('yes' if r['fits'] else 'NO')} | "
       f"{'-' if not step else _gib(step['wire_bytes'])} | "
       f"{fmt(r.get('xla_over_model_flops'), '.2f')} | {roof.get('bound', '-')} | "
       f"{fmt(roof.get('step_s') and roof['step_s'] * 1e3, '.1f')} | "
-      f"{fmt(roof.get('mfu'), '.3f')} | {r['compile_s']:.1f} |"
+      f"{fmt(roof.get('mfu'), '.3f')} | {fmt(r.get('compile_s'), '.1f')} |"
     )
   return "\n".join(lines)
