@@ -7,8 +7,8 @@ loop condition).
 Bytes are the size of the op's result buffer on one chip; wire bytes are what one chip sends
 with ring algorithms over a group of n chips: all-gather S (n - 1) / n of its output S,
 reduce-scatter S (n - 1) of its output (its input is n S), all-reduce 2 S (n - 1) / n,
-all-to-all and ragged-all-to-all S (n - 1) / n (a ragged exchange's output buffer is sized
-for the worst case, so this is an upper bound), collective-permute S.
+all-to-all and ragged-all-to-all S (n - 1) / n (ragged: S as `collectives` says),
+collective-permute S.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ _GROUPS_LIST = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
 _PAIRS = re.compile(r"source_target_pairs=")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_INSTR = re.compile(
+  r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s+=\s+(?P<shape>\(.*?\)|\S+)\s+(?P<op>[\w\-]+)\((?P<args>[^)]*)\)"
+)
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)=")
+_NAMES = re.compile(r"%([\w.\-]+)")
 
 
 def array_bytes(shape: str) -> list[int]:
@@ -101,16 +107,26 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
 
   A tuple-shaped result counts as the sum of its arrays for all-reduce (a combined
   all-reduce) and as its largest array otherwise (an async start's tuple also holds its
-  operand).
+  operand). A ragged-all-to-all counts the smaller of its input and output buffers: one of
+  the two is sized for the worst case (every slot of the group on one chip, n times the
+  balanced traffic), the other holds this chip's own slots, which is what a balanced routing
+  sends and receives.
   """
+  sizes = {
+    m["name"]: sum(array_bytes(m["shape"])) for m in map(_INSTR.match, hlo_text.splitlines()) if m
+  }
   out = {k: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for k in KINDS}
   for line in hlo_text.splitlines():
     m = _OP.search(line)
     if m is None:
       continue
     kind = m["op"]
-    sizes = array_bytes(m["shape"]) or [0]
-    size = sum(sizes) if kind == "all-reduce" else max(sizes)
+    arrays = array_bytes(m["shape"]) or [0]
+    size = sum(arrays) if kind == "all-reduce" else max(arrays)
+    if kind == "ragged-all-to-all":
+      operand = _NAMES.search(line[m.end() :])
+      if operand and operand[1] in sizes:
+        size = min(size, sizes[operand[1]])
     row = out[kind]
     row["count"] += 1
     row["bytes"] += size
@@ -120,12 +136,6 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
 
 # ----------------------------------------------------------------------------- per step
 
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
-_INSTR = re.compile(
-  r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s+=\s+(?P<shape>\(.*?\)|\S+)\s+(?P<op>[\w\-]+)\((?P<args>[^)]*)\)"
-)
-_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)=")
-_NAMES = re.compile(r"%([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CONST = re.compile(r"constant\((\d+)\)")
 
