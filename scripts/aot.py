@@ -33,6 +33,7 @@ flags.DEFINE_bool("search", False, "Try candidate meshes x remat policies; rank 
 flags.DEFINE_integer("max_candidates", 8, "--search: most candidates compiled.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 flags.DEFINE_string("hlo_out", "", "Write the optimised HLO text here (i-th candidate: .i).")
+flags.DEFINE_string("reread", "", "JSON,HLO of an earlier run: re-derive its per-step costs.")
 
 
 def parse_mesh(text: str):
@@ -47,9 +48,24 @@ def parse_mesh(text: str):
   return MeshConfig(**sizes)
 
 
+def reread(f):
+  """Per-step collectives and roofline of a saved --out JSON row from its --hlo_out text."""
+  from qwen3_jax.aot import chips, hlo, report
+
+  path, hlo_path = f.reread.split(",")
+  with open(path) as fh, open(hlo_path) as text:
+    (row,) = json.load(fh)
+    name = row["topology"].split(":")[0]
+    row = report.with_costs(row, hlo.per_step(text.read()), chips.CHIPS.get(name))
+  print(report.table([row]))
+  print(json.dumps({k: row[k] for k in ("memory", "per_step", "roofline") if k in row}, indent=1))
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.reread:
+    return reread(f)
   if bool(f.topology) == bool(f.cpu_devices):
     raise app.UsageError("give exactly one of --topology and --cpu_devices")
   import jax

@@ -209,23 +209,32 @@ def analyse(
     xla_loop_bodies_once=result["xla"],
     collectives_in_hlo=result["collectives"],
   )
-  out["per_step_collectives_hlo"] = result["per_step_hlo"]
+  out["peak_rss_bytes"] = peak_rss_bytes()
   if probe:
     log(f"compiled in {result['compile_s']:.0f} s; depth probe (two small compiles)")
     costs = per_step_costs(spec, mesh)
     out["xla_over_model_flops"] = costs["flops"] * chips / model_flops
-  else:
+    return with_costs(out, result["per_step_hlo"], chip, costs)
+  return with_costs(out, result["per_step_hlo"], chip)
+
+
+def with_costs(row: dict, per_step_hlo: dict, chip: Chip | None, costs: dict | None = None):
+  """`row` with its per-step costs and roofline. costs None: analytic FLOPs x the remat
+  factor, the HLO's collectives by trip count (`per_step_hlo` = `hlo.per_step(text)`), no
+  HBM term. Also re-derives a saved row from its saved HLO (`scripts/aot.py --reread`)."""
+  row = dict(row, per_step_collectives_hlo=per_step_hlo)
+  if costs is None:
+    remat = row["remat"] if row["step"] == "train" else "none"
     costs = dict(
-      flops=model_flops * REMAT_FLOPS[spec.model.remat if spec.step == "train" else "none"] / chips,
+      flops=row["model_flops"] * REMAT_FLOPS[remat] / row["chips"],
       bytes=None,
-      wire_bytes=result["per_step_hlo"]["wire_bytes"],
+      wire_bytes=per_step_hlo["wire_bytes"],
       source="analytic FLOPs x remat factor; collectives of the HLO by trip count; no HBM term",
     )
-  out["per_step"] = costs
+  row["per_step"] = costs
   if chip is not None:
-    out["roofline"] = roofline(costs, model_flops, chips, chip)
-  out["peak_rss_bytes"] = peak_rss_bytes()
-  return out
+    row["roofline"] = roofline(costs, row["model_flops"], row["chips"], chip)
+  return row
 
 
 def _gib(x: float) -> str:
