@@ -182,9 +182,9 @@ def test_cpu_64_devices_through_the_script(tmp_path):
   assert 0 <= r["memory"]["argument"] - hand - batch <= 64
   assert r["memory"]["temp"] > 0 and r["memory"]["alias"] >= hand
   # Largest per chip: the embedding / LM head [Vp, D], split 2 x over fsdp (tensor is 1);
-  # an expert weight is split 32 x (16 experts, 2 x embed).
+  # an expert weight [4 layers, 16, 512, 512] is split 32 x (16 experts, 2 x embed).
   top = r["largest_arguments"]
   assert top[0]["bytes"] == 8192 * 512 * F32 // 2 and "fsdp" in top[0]["spec"]
   expert = next(b for b in top if "down_proj" in b["path"])
-  assert expert["bytes"] == 16 * 512 * 512 * F32 // 32 and "expert" in expert["spec"]
+  assert expert["bytes"] == 4 * 16 * 512 * 512 * F32 // 32 and "expert" in expert["spec"]
   assert r["collectives_in_hlo"]["all-gather"]["count"] > 0

@@ -220,16 +220,18 @@ def analyse(
 
 def with_costs(row: dict, per_step_hlo: dict, chip: Chip | None, costs: dict | None = None):
   """`row` with its per-step costs and roofline. costs None: analytic FLOPs x the remat
-  factor, the HLO's collectives by trip count (`per_step_hlo` = `hlo.per_step(text)`), no
-  HBM term. Also re-derives a saved row from its saved HLO (`scripts/aot.py --reread`)."""
+  factor, the HLO's collectives by trip count (`per_step_hlo` = `hlo.per_step(text)`), and an
+  HBM term only for decode: its argument bytes (a decode step reads at least the weights and
+  cache it holds). Also re-derives a saved row from its saved HLO (`scripts/aot.py --reread`)."""
   row = dict(row, per_step_collectives_hlo=per_step_hlo)
   if costs is None:
-    remat = row["remat"] if row["step"] == "train" else "none"
+    decode = row["step"] == "decode"
     costs = dict(
-      flops=row["model_flops"] * REMAT_FLOPS[remat] / row["chips"],
-      bytes=None,
+      flops=row["model_flops"] * REMAT_FLOPS["none" if decode else row["remat"]] / row["chips"],
+      bytes=row["memory"]["argument"] if decode else None,
       wire_bytes=per_step_hlo["wire_bytes"],
-      source="analytic FLOPs x remat factor; collectives of the HLO by trip count; no HBM term",
+      source="analytic FLOPs x remat factor; collectives of the HLO by trip count; HBM: "
+      + ("the argument bytes" if decode else "none"),
     )
   row["per_step"] = costs
   if chip is not None:
