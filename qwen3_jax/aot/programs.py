@@ -97,7 +97,13 @@ def lower_decode(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int, steps: 
     # compiling the initialiser (zeros only) reads them back.
     rows = _with_shardings(shapes, init_j.lower().compile().output_shardings)
     program = decode.compiled(nnx.graphdef(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))))
-    lowered = program[2].program.lower(graphdef, state, rows, prog)
+    step = program[2].program
+    # The engine feeds each call the rows the previous call returned: in that steady state
+    # the cache is sharded as the model's writes constrain it (`kv_cache.KV_AXES`), not as
+    # `init_rows` left it. A first compile reads those output shardings.
+    steady = step.lower(graphdef, state, rows, prog).compile().output_shardings[0]
+    rows = _with_shardings(shapes, steady)
+    lowered = step.lower(graphdef, state, rows, prog)
   return Lowered(lowered, (state, rows))
 
 
