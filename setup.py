@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The `tpu` extra pins jax[tpu] (which pulls the matching libtpu) to this same version.
+JAX_VERSION = "0.10.2"
+
 setup(
     name="qwen3_jax",
     version="0.1.0",
@@ -9,7 +12,7 @@ setup(
     packages=find_packages(include=["qwen3_jax", "qwen3_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10.2",
+        f"jax>={JAX_VERSION}",
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
@@ -37,5 +40,8 @@ setup(
             "mcp>=2.3",
             "flatbuffers>=24.3",
         ],
+        # libtpu's compiler for ahead-of-time compiles for TPU topologies on any host
+        # (scripts/aot.py); on hosts without TPUs nothing else loads it.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
 )
