@@ -13,12 +13,16 @@ from configs import common, stage2_reasoning_rl
 
 # Rows hold the tools block and up to max_tool_steps replies with the tool turns between.
 SEQ_LEN = {"tiny": 1536, "small": 2048, "mini": 1280}
+# Gradient accumulation of the policy step: 64 rows of 1280 tokens in one pass need over 20 GB
+# on 8 simulated devices (the exact expert exchange sizes its buffers for the worst case).
+MICRO_BATCHES = {"mini": 4}
 
 
 def get_config(arg=None):
   c = stage2_reasoning_rl.get_config(arg)
   model = common.parse_arg(arg, **stage2_reasoning_rl.ARGS).model
   c.seq_len = SEQ_LEN.get(model, 4096)
+  c.micro_batches = MICRO_BATCHES.get(model, 1)
   rl = c.rl
   rl.families = "arithmetic,countdown,format,unit_tools,flight_tools"  # All kinds of task.
   rl.difficulties = "1,2"  # Tool chains of 1-2 calls.
